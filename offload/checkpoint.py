@@ -1,0 +1,115 @@
+"""Find and stream a checkpoint: config.json, safetensors shards (optionally indexed), tokenizer files.
+
+Tensors are read one at a time with safetensors' `safe_open`, one shard open at a time, so loading
+never holds more than the converted weights plus one shard's mapped pages.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError, ModelFormatError
+
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+def resolve(source: str | Path) -> Path:
+    """A local model directory, or a hub repo id fetched with huggingface_hub (weights + tokenizer only)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelFormatError(f"{text}: no such model directory; pass a directory holding config.json and "
+                               "*.safetensors, or a hub repo id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelFormatError(f"{path} has no config.json; point offload.load at a model directory "
+                               "(config.json + *.safetensors) or a hub repo id")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{file} is not valid JSON ({e}); re-export the model's config") from None
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shards in the order to read them; the index, when present, must name only existing files."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is malformed ({e!r}); re-download or re-save the checkpoint") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard {missing[0]!r}, which is missing from {path}; "
+                                  "download the missing shard(s) or re-save the checkpoint")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors files; offload reads safetensors checkpoints only "
+                              "(convert .bin weights with transformers' save_pretrained)")
+    return files
+
+
+class TensorStream:
+    """Yields (file, name) for every tensor, shard by shard; `read(name)` reads any tensor of the checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.files = shard_files(path)
+        self._stack = ExitStack()
+        self._open: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            try:
+                self._open[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: cannot read it as safetensors ({e}); the file is truncated or "
+                                      "corrupt: re-download or re-save it") from None
+        return self._open[file]
+
+    def _index_all(self) -> None:
+        for file in self.files:
+            for name in self._handle(file).keys():
+                self._where[name] = file
+            self._close_all()
+
+    def _close_all(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self._open.clear()
+
+    def __iter__(self) -> Iterator[tuple[Path, str]]:
+        self._index_all()
+        try:
+            for file in self.files:
+                for name in list(self._handle(file).keys()):
+                    yield file, name
+                self._close_all()  # unmap the shard before the next one
+        finally:
+            self._close_all()
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self._where.get(name)
+        if file is None:
+            raise CheckpointError(f"checkpoint has no tensor {name!r}; it is incomplete: re-download or re-save it")
+        try:
+            return self._handle(file).get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e}); the file is truncated or "
+                                  "corrupt: re-download or re-save it") from None

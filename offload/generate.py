@@ -1,0 +1,123 @@
+"""Decoding: sampling rules, the token loop over a preallocated KV cache, and incremental text streaming."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .model.decoder import Decoder
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.top_k >= 0, "top_k must be >= 0"), (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def next_tokens(logits: torch.Tensor, history: torch.Tensor, s: Sampling,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B], with transformers' semantics for each rule."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0:
+        seen = logits.gather(1, history)
+        logits = logits.scatter(1, history, torch.where(seen < 0, seen * s.repetition_penalty,
+                                                        seen / s.repetition_penalty))
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1)[0][..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               max_new_tokens: int, sampling: Sampling, eos_ids: Sequence[int]) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step; stops when every row has produced an EOS."""
+    B, T = input_ids.shape
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = decoder.new_cache(B, T + max_new_tokens)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=decoder.device).manual_seed(sampling.seed)
+    history = input_ids
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens = input_ids
+    step_valid = valid
+    for _ in range(max_new_tokens):
+        hidden = decoder.hidden_states(tokens, cache, positions, step_valid)
+        token = next_tokens(decoder.logits(hidden[:, -1]), history, sampling, generator)
+        yield token
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            return
+        history = torch.cat((history, token[:, None]), 1)
+        tokens = token[:, None]
+        positions = positions[:, -1:] + 1
+        step_valid = torch.ones(B, 1, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_ids(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int, sampling: Sampling, eos_ids: Sequence[int], pad_id: int) -> torch.Tensor:
+    """[B, T] -> [B, T + n]; rows that finished early are padded with `pad_id` after their EOS."""
+    out, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)
+    for token in token_loop(decoder, input_ids, attention_mask, max_new_tokens, sampling, eos_ids):
+        out.append(torch.where(done, torch.full_like(token, pad_id), token))
+        done |= torch.isin(token, eos)
+    return torch.cat([input_ids, *[t[:, None] for t in out]], dim=1)
+
+
+class TextStream:
+    """Turns tokens into text pieces: never splits a multi-byte character, never emits a stop string or
+    any text after it, and holds back a tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._take(text[:cut])
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._take(text[: len(text) - hold])
+
+    def flush(self) -> str:
+        """The held-back tail once generation ends without a stop string."""
+        if self.stopped:
+            return ""
+        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _take(self, text: str) -> str:
+        piece = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        return piece

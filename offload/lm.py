@@ -1,0 +1,117 @@
+"""The user-facing model: forward(), generate() over tensors, text or chat, and stats()."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .generate import Sampling, TextStream, generate_ids, token_loop
+from .model.decoder import Decoder
+from .spec import ModelSpec
+
+Messages = list[dict[str, str]]
+
+
+class MoEModel:
+    def __init__(self, decoder: Decoder, spec: ModelSpec, path: Path, mtp: dict[str, torch.Tensor]) -> None:
+        self.decoder, self.spec, self.path, self.mtp = decoder, spec, path, mtp
+        self._tokenizer = None
+        gen_file = path / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        eos = gen.get("eos_token_id", list(spec.eos_token_ids))
+        self.eos_token_ids: list[int] = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers' fast tokenizer, for its chat template); loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path} has no usable tokenizer ({e}); pass token ids instead of text, "
+                                 "or add tokenizer.json + tokenizer_config.json to the directory") from None
+        return self._tokenizer
+
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.spec.vocab_size):
+            raise ValueError(f"input_ids hold values outside the vocabulary [0, {self.spec.vocab_size}) "
+                             f"(min {int(input_ids.min())}, max {int(input_ids.max())}); "
+                             "tokenize with this model's tokenizer")
+        return input_ids.long().to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Stateless full forward: logits [B, T, V] (fp32)."""
+        input_ids = self._check_ids(input_ids)
+        B, T = input_ids.shape
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(self.device).bool())
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.decoder.hidden_states(input_ids, self.decoder.new_cache(B, T), positions, valid)
+        return self.decoder.logits(hidden).float()
+
+    __call__ = forward
+
+    def _prompt_ids(self, prompt: str | Messages) -> torch.Tensor:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            ids = tok(prompt)["input_ids"]
+        else:
+            ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        return torch.tensor([list(ids)], dtype=torch.long)
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor | str | Messages, max_new_tokens: int = 128, *,
+                 attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | str = (), stream: bool = False,
+                 eos_token_ids: Sequence[int] | None = None) -> torch.Tensor | str | Iterator[str]:
+        """Tensor in -> tensor [B, T+N] out (greedy by default). Text or chat messages in -> the reply text,
+        or with stream=True an iterator of text pieces. Stops at EOS, a stop string, or max_new_tokens."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        sampling = Sampling(temperature, top_p, top_k, repetition_penalty, seed)
+        eos = list(self.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        if isinstance(prompt, torch.Tensor):
+            if stream or stop:
+                raise ValueError("stream and stop need a text prompt; with token ids use max_new_tokens and EOS")
+            ids = self._check_ids(prompt)
+            mask = None if attention_mask is None else attention_mask.to(self.device)
+            pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else (eos[0] if eos else 0)
+            return generate_ids(self.decoder, ids, mask, max_new_tokens, sampling, eos, pad)
+        ids = self._check_ids(self._prompt_ids(prompt))
+        pieces = self._stream_text(ids, max_new_tokens, sampling, eos, [stop] if isinstance(stop, str) else stop)
+        return pieces if stream else "".join(pieces)
+
+    def _stream_text(self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, eos: list[int],
+                     stop: Sequence[str]) -> Iterator[str]:
+        text = TextStream(self.tokenizer, stop)
+        with torch.inference_mode():
+            for token in token_loop(self.decoder, ids, None, max_new_tokens, sampling, eos):
+                if int(token[0]) in eos:
+                    break
+                piece = text.push(int(token[0]))
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+        tail = text.flush()
+        if tail:
+            yield tail
+
+    def stats(self) -> dict:
+        return self.decoder.experts.stats()

@@ -1,0 +1,60 @@
+"""The one generic decoder: embeddings -> layers (attention, then dense MLP or MoE) -> norm -> lm_head.
+
+Everything architecture-specific is in the ModelSpec; weights are canonical names (see
+`ModelSpec.expected_shapes`) and routed experts come from an ExpertProvider.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import ExpertSpec, ModelSpec
+from .attention import attention
+from .kv_cache import KVCache
+from .moe import ExpertProvider, expert_mlp, moe
+from .norm import rms_norm
+from .rope import RotaryTable
+
+
+def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+class Decoder:
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], experts: ExpertProvider,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.spec, self.experts, self.device, self.dtype = spec, experts, device, dtype
+        self.embed = weights["embed"]
+        self.norm = weights["norm"]
+        self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
+        self.layers = [{part: _group(weights, f"layers.{i}.{part}.") for part in ("attn", "mlp", "router")}
+                       | {"input_norm": weights[f"layers.{i}.input_norm"],
+                          "post_attn_norm": weights[f"layers.{i}.post_attn_norm"]}
+                       for i in range(len(spec.layers))]
+        self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers}
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache([layer.attention for layer in self.spec.layers], batch, max_len, self.dtype, self.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+        """Run T new tokens per row through every layer, extending `cache`; returns the final-norm states."""
+        spec = self.spec
+        T = input_ids.shape[1]
+        q_index = torch.arange(cache.length, cache.length + T, device=self.device)
+        cos_sin = {rope: table.cos_sin(positions, self.dtype) for rope, table in self.rotary.items()}
+        h = F.embedding(input_ids, self.embed)
+        for i, (layer, w) in enumerate(zip(spec.layers, self.layers)):
+            a = layer.attention
+            h = h + attention(rms_norm(h, w["input_norm"], spec.rms_norm_eps), w["attn"], a, spec.rms_norm_eps,
+                              cos_sin[a.rope], cache.layers[i], q_index, valid)
+            x = rms_norm(h, w["post_attn_norm"], spec.rms_norm_eps)
+            if layer.mlp == "dense":
+                h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
+            else:
+                h = h + moe(x, i, w["router"], spec.router, spec.expert, self.experts)
+        cache.length += T
+        return rms_norm(h, self.norm, spec.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)

@@ -1,0 +1,133 @@
+"""Plain dataclasses that describe a model: what the generic decoder needs, nothing more.
+
+Adapters in `offload.archs` turn a config.json into a `ModelSpec`; the runtime never looks at
+config.json itself, so one decoder serves every architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    head_dim: int
+    partial_factor: float = 1.0
+    kind: Literal["default", "yarn"] = "default"
+    # YaRN parameters (ignored for "default")
+    factor: float = 1.0
+    original_max_positions: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    rope: RopeSpec
+    window: int | None = None  # sliding window: a query sees itself and the window-1 keys before it
+    sinks: bool = False  # learned per-head logit that joins the softmax and is then dropped
+    qk_norm: Literal["none", "head", "full"] = "none"  # Qwen3 per head; OLMoE over the whole projection
+    qkv_bias: bool = False
+    o_bias: bool = False
+    value_scale: float = 1.0
+    clip_qkv: float | None = None
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    num_experts: int
+    top_k: int
+    scoring: Literal["softmax", "softmax_topk_first", "sigmoid"]
+    renormalize: bool
+    scaling_factor: float = 1.0
+    bias: bool = False  # gpt-oss router bias, part of the logits
+    correction_bias: bool = False  # DeepSeek/MiMo: added for the selection only
+    n_group: int = 1
+    topk_group: int = 1
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    intermediate_size: int
+    activation: Literal["swiglu", "swiglu_clamp"] = "swiglu"
+    bias: bool = False
+    alpha: float = 1.702  # swiglu_clamp only
+    limit: float = 7.0  # swiglu_clamp only
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    attention: AttentionSpec
+    mlp: Literal["dense", "moe"]
+    dense_intermediate_size: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    rms_norm_eps: float
+    layers: tuple[LayerSpec, ...]
+    router: RouterSpec | None
+    expert: ExpertSpec | None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    max_position_embeddings: int = 4096
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.mlp == "moe"]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical tensor name -> shape, for every tensor the decoder needs."""
+        H = self.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {"embed": (self.vocab_size, H), "norm": (H,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head"] = (self.vocab_size, H)
+        for i, layer in enumerate(self.layers):
+            a, p = layer.attention, f"layers.{i}."
+            q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+            shapes |= {p + "input_norm": (H,), p + "post_attn_norm": (H,),
+                       p + "attn.q": (q_out, H), p + "attn.k": (kv_out, H), p + "attn.v": (v_out, H),
+                       p + "attn.o": (H, a.num_heads * a.v_head_dim)}
+            if a.qkv_bias:
+                shapes |= {p + "attn.q_bias": (q_out,), p + "attn.k_bias": (kv_out,), p + "attn.v_bias": (v_out,)}
+            if a.o_bias:
+                shapes[p + "attn.o_bias"] = (H,)
+            if a.qk_norm == "head":
+                shapes |= {p + "attn.q_norm": (a.head_dim,), p + "attn.k_norm": (a.head_dim,)}
+            elif a.qk_norm == "full":
+                shapes |= {p + "attn.q_norm": (q_out,), p + "attn.k_norm": (kv_out,)}
+            if a.sinks:
+                shapes[p + "attn.sinks"] = (a.num_heads,)
+            if layer.mlp == "dense":
+                inter = layer.dense_intermediate_size
+                shapes |= {p + "mlp.gate": (inter, H), p + "mlp.up": (inter, H), p + "mlp.down": (H, inter)}
+                continue
+            r, e = self.router, self.expert
+            shapes[p + "router.weight"] = (r.num_experts, H)
+            if r.bias:
+                shapes[p + "router.bias"] = (r.num_experts,)
+            if r.correction_bias:
+                shapes[p + "router.correction_bias"] = (r.num_experts,)
+            for x in range(r.num_experts):
+                q = f"{p}experts.{x}."
+                shapes |= {q + "gate": (e.intermediate_size, H), q + "up": (e.intermediate_size, H),
+                           q + "down": (H, e.intermediate_size)}
+                if e.bias:
+                    shapes |= {q + "gate_bias": (e.intermediate_size,), q + "up_bias": (e.intermediate_size,),
+                               q + "down_bias": (H,)}
+        return shapes

@@ -1,0 +1,21 @@
+import os
+
+# The Triton interpreter must be chosen before any @triton.jit function is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_tiny import ARCHS, save_tiny  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", params=sorted(ARCHS))
+def tiny(request, tmp_path_factory):
+    """(arch, checkpoint dir, transformers reference model) for every architecture."""
+    arch = request.param
+    directory = tmp_path_factory.mktemp(arch)
+    return arch, directory, save_tiny(arch, directory)

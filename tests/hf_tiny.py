@@ -1,0 +1,59 @@
+"""Tiny random transformers checkpoints for every supported architecture, with every weight perturbed
+(no norm is identity, no bias/sink/correction bias is zero), saved with save_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCHS: dict[str, dict] = {
+    "mixtral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=12),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6,
+                      num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1], use_sliding_window=True,
+                      sliding_window=12),
+    "olmoe": dict(hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, clip_qkv=3.0),
+    "gpt_oss": dict(hidden_size=64, intermediate_size=64, head_dim=16, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+    "mimo_v2_flash": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=6,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16,
+                          n_routed_experts=8, num_experts_per_tok=2, sliding_window=8),
+}
+COMMON = dict(vocab_size=256, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+
+
+def hf_config(arch: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **(COMMON | ARCHS[arch] | overrides))
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every parameter and float buffer off its init (norms off 1, biases/sinks off 0)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                if b.is_floating_point() and "inv_freq" not in n]
+    for _, t in tensors:
+        scale = 0.3 if t.dim() == 1 else 0.05
+        t.add_(torch.randn(t.shape, generator=g) * scale)
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = hf_config(arch, **overrides)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    perturb(model, seed)
+    return model
+
+
+def save_tiny(arch: str, directory: Path, seed: int = 0, **overrides):
+    """Save a perturbed tiny model and return the transformers model (the reference)."""
+    model = make_hf_model(arch, seed, **overrides)
+    model.save_pretrained(directory)
+    return model
