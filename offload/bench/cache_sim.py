@@ -1,0 +1,156 @@
+"""Replay routing traces against expert-cache eviction policies (offline benchmark).
+
+Each (seq, layer) is its own cache of `capacity` slots, cold at the start of a seq;
+each selected expert of a router decision is one access; a miss always loads the
+expert (demand paging), evicting a resident that the same decision does not use when
+there is one. Belady's offline optimum is reported as the ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from offload.engine.policies import POLICIES, EvictionPolicy, belady_misses, make_policy
+from offload.engine.trace import TraceRow, read_trace
+
+BELADY = "belady"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Hit/miss counts of one replay; per_layer maps layer -> (hits, misses)."""
+
+    hits: int
+    misses: int
+    per_layer: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def _streams(rows: Iterable[TraceRow]) -> dict[tuple[int, int], list[TraceRow]]:
+    """Rows per (seq, layer) in trace order: each is one cold cache's access stream."""
+    streams: dict[tuple[int, int], list[TraceRow]] = defaultdict(list)
+    for row in rows:
+        streams[(row.seq, row.layer)].append(row)
+    return streams
+
+
+def _replay(stream: Sequence[TraceRow], policy: EvictionPolicy, capacity: int) -> int:
+    """Hits of one layer's cache; step = index of the router decision in the stream."""
+    resident: dict[int, None] = {}
+    hits = 0
+    for step, row in enumerate(stream):
+        policy.observe_routing(step, row.experts, row.probs)
+        for expert in row.experts:
+            if expert in resident:
+                hits += 1
+            else:
+                if len(resident) >= capacity:
+                    candidates = [e for e in resident if e not in row.experts] or list(resident)
+                    victim = policy.choose_victim(candidates)
+                    if victim not in candidates:
+                        raise ValueError(f"{type(policy).__name__} chose {victim}, not one of {candidates}")
+                    del resident[victim]
+                    policy.on_evict(victim)
+                resident[expert] = None
+                policy.on_insert(expert)
+            policy.on_access(expert, step)
+    return hits
+
+
+def simulate(trace_rows: Iterable[TraceRow], policy_name: str, capacity: int, **kw: Any) -> SimResult:
+    """Replay rows against `policy_name` (a registered policy or "belady")."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    per_layer: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
+    for (_, layer), stream in _streams(trace_rows).items():
+        accesses = sum(len(r.experts) for r in stream)
+        if policy_name == BELADY:
+            hits = accesses - belady_misses([e for r in stream for e in r.experts], capacity)
+        else:
+            hits = _replay(stream, make_policy(policy_name, **kw), capacity)
+        h, m = per_layer[layer]
+        per_layer[layer] = (h + hits, m + accesses - hits)
+    per_layer = dict(sorted(per_layer.items()))
+    return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
+
+
+def _entry(hits: int, misses: int) -> dict[str, Any]:
+    return {"hits": hits, "misses": misses, "hit_rate": round(hits / max(hits + misses, 1), 4)}
+
+
+def run(trace: list[str], policy: str, capacity: int, json_out: bool = False) -> dict:
+    """Hit rate of `policy` (or "all") and of Belady on each trace file and in total.
+
+    Prints a table, or the returned dict as JSON when json_out is set:
+    {"capacity": k, "files": {path: {policy: {hits, misses, hit_rate}}}, "total": {...}}.
+    """
+    if not trace:
+        raise ValueError("give at least one trace file")
+    names = [*POLICIES] if policy == "all" else [policy]
+    if policy != "all":
+        make_policy(policy)  # fail on an unknown name before reading any trace
+    names.append(BELADY)
+    files: dict[str, dict[str, Any]] = {}
+    total: dict[str, list[int]] = {n: [0, 0] for n in names}
+    for path in trace:
+        rows = read_trace(path)
+        files[path] = {}
+        for name in names:
+            r = simulate(rows, name, capacity)
+            files[path][name] = _entry(r.hits, r.misses)
+            total[name][0] += r.hits
+            total[name][1] += r.misses
+    result = {"capacity": capacity, "files": files, "total": {n: _entry(*hm) for n, hm in total.items()}}
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)
+    return result
+
+
+def _print_table(result: dict) -> None:
+    table = Table(title=f"hit rate, {result['capacity']} slots/layer (belady: offline ceiling)")
+    table.add_column("policy")
+    columns = {Path(p).name: v for p, v in result["files"].items()}
+    if len(columns) > 1:
+        columns["total"] = result["total"]
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name in result["total"]:
+        cells = [f"{columns[c][name]['hit_rate']:.3f}" for c in columns]
+        table.add_row(name, *cells, style="dim" if name == BELADY else None)
+    Console().print(table)
+
+
+app = typer.Typer(help="Replay expert-routing traces against cache eviction policies.", add_completion=False)
+
+
+@app.callback(invoke_without_command=True)
+def cache_sim(
+    trace: list[Path] = typer.Option(..., "--trace", exists=True, dir_okay=False, help="JSONL routing trace (repeatable)."),
+    policy: str = typer.Option("all", "--policy", help=f"One of {', '.join(POLICIES)}, or all."),
+    capacity: int = typer.Option(4, "--capacity", min=1, help="Expert slots per layer."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Hit rate per policy with Belady's optimum as the ceiling."""
+    try:
+        run([str(p) for p in trace], policy, capacity, json_out)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+if __name__ == "__main__":
+    app()
