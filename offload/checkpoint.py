@@ -16,11 +16,17 @@ from safetensors import SafetensorError, safe_open
 from .errors import CheckpointError, ModelFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
+DEMO_DIR = Path(__file__).parent / "demo"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
 
 def resolve(source: str | Path) -> Path:
     """A local model directory, or a hub repo id fetched with huggingface_hub (weights + tokenizer only)."""
+    if str(source) == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise ModelFormatError(f"the bundled demo model is missing from {DEMO_DIR}; reinstall moe-offload "
+                                   "or pass --model with a model directory")
+        return DEMO_DIR
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -30,7 +36,13 @@ def resolve(source: str | Path) -> Path:
                                "*.safetensors, or a hub repo id like 'org/name'")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown/gated repo, network: hub errors are many types and multi-line
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelFormatError(f"{text}: no such local directory, and hub repo {text!r} could not be fetched "
+                               f"({type(e).__name__}: {reason}); check the path, or the repo id and your "
+                               "network / HF_HUB_OFFLINE setting") from e
 
 
 def read_config(path: Path) -> dict:

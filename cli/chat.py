@@ -1,0 +1,73 @@
+"""offload-chat: talk to a model in the terminal (default: the bundled demo model), or one-shot with -p."""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, help=__doc__)
+console = Console(highlight=False)
+
+
+@app.command()
+def chat(
+    model: str = typer.Option("demo", "--model", "-m", help="Model directory, hub repo id, or 'demo'."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
+    system: str | None = typer.Option(None, "--system", help="System message for the conversation."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    top_k: int = typer.Option(0, min=0),
+    seed: int | None = typer.Option(None),
+    device: str = typer.Option("cpu", help="cpu, cuda, or auto."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    import offload
+
+    lm = offload.load(model, device=device)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    history = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        _answer(lm, history + [{"role": "user", "content": prompt}], options)
+        return
+    console.print(f"[bold]offload-chat[/bold] · {lm.spec.model_type} from {lm.path} · "
+                  "/reset clears the conversation, /exit or Ctrl-D quits")
+    while True:
+        try:
+            text = console.input("[bold green]you> [/bold green]")
+        except EOFError:
+            console.print()
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if text.strip():
+            history.append({"role": "user", "content": text})
+            history.append({"role": "assistant", "content": _answer(lm, history, options, label="model> ")})
+
+
+def _answer(lm, messages: list[dict], options: dict, label: str = "") -> str:
+    """Stream the reply to stdout; use the chat template when the tokenizer has one."""
+    prompt = messages if lm.tokenizer.chat_template else messages[-1]["content"]
+    if label:
+        console.print(f"[bold cyan]{label}[/bold cyan]", end="")
+    pieces = []
+    for piece in lm.generate(prompt, stream=True, **options):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def main() -> None:
+    from .common import run_app
+
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()
