@@ -1,6 +1,8 @@
 """The trivial expert provider: every expert already on the compute device (the no-offload reference)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 ExpertWeights = dict[str, torch.Tensor]
@@ -10,8 +12,10 @@ class ResidentExperts:
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
         self.experts = experts
 
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
-        return {e: self.experts[layer, e] for e in experts}
+    def provide(self, layer: int, experts: list[int], weights: list[float],
+                prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
+        for e in experts:
+            yield e, self.experts[layer, e]
 
     def stats(self) -> dict:
         return {"resident_experts": len(self.experts)}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..spec import ExpertSpec, ModelSpec
 from .attention import attention
 from .kv_cache import KVCache
-from .moe import ExpertProvider, expert_mlp, moe
+from .moe import ExpertProvider, expert_mlp, expert_scores, moe, route
 from .norm import rms_norm
 from .rope import RotaryTable
 
@@ -22,8 +22,12 @@ def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 class Decoder:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], experts: ExpertProvider,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, prefetch: int = 0, prefetch_count: int = 0) -> None:
+        """prefetch: how many later MoE layers to predict from each layer's hidden state (0 = none);
+        prefetch_count: experts predicted per later layer (default: the router's top-k)."""
         self.spec, self.experts, self.device, self.dtype = spec, experts, device, dtype
+        self.prefetch = prefetch
+        self.prefetch_count = prefetch_count or (spec.router.top_k if spec.router else 0)
         self.embed = weights["embed"]
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
@@ -52,9 +56,22 @@ class Decoder:
             if layer.mlp == "dense":
                 h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
             else:
-                h = h + moe(x, i, w["router"], spec.router, spec.expert, self.experts)
+                weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
+                h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, self._predict(h, i),
+                            self.prefetch_count)
         cache.length += T
         return rms_norm(h, self.norm, spec.rms_norm_eps)
+
+    def _predict(self, h: torch.Tensor, layer: int) -> list[tuple[int, torch.Tensor]]:
+        """Expert scores of the next `prefetch` MoE layers, from their routers applied to this hidden state."""
+        later = [j for j in self.spec.moe_layers if j > layer][: self.prefetch]
+        flat = h.reshape(-1, h.shape[-1])
+        predictions = []
+        for j in later:
+            x = rms_norm(flat, self.layers[j]["post_attn_norm"], self.spec.rms_norm_eps)
+            weights, ids = route(x, self.layers[j]["router"], self.spec.router)
+            predictions.append((j, expert_scores(weights, ids, self.spec.router.num_experts)))
+        return predictions
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)

@@ -2,6 +2,7 @@
 so the offload engine can decide where each expert lives and when it moves."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -53,22 +54,41 @@ def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], e: ExpertSpec) -> to
 
 
 class ExpertProvider(Protocol):
-    """Where expert weights come from. `fetch` returns the weights of the given experts of one layer, ready
-    on the compute device; an engine may load, cache or prefetch them, but must return exact weights."""
+    """Where expert weights come from. `provide` yields (expert, weights on the compute device) for every
+    expert in `experts` (any order, each once); `prefetch` lists (layer, experts) predicted for later
+    layers. An engine may load, cache or prefetch, but must yield exact weights."""
 
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, dict[str, torch.Tensor]]: ...
+    def provide(self, layer: int, experts: list[int], weights: list[float],
+                prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]: ...
 
 
-def moe(x: torch.Tensor, layer: int, router_w: dict[str, torch.Tensor], r: RouterSpec, e: ExpertSpec,
-        provider: ExpertProvider) -> torch.Tensor:
-    """x [B, T, H] -> [B, T, H]: route every token, run each hit expert once on its tokens, sum weighted."""
+def expert_scores(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Total routing weight each expert receives over all tokens: [E]."""
+    return torch.zeros(num_experts, device=ids.device).index_add_(0, ids.flatten(), weights.flatten().float())
+
+
+def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r: RouterSpec, e: ExpertSpec,
+        provider: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], prefetch_count: int) -> torch.Tensor:
+    """x [B, T, H] routed by (weights, ids) [N, k] -> [B, T, H]. Each hit expert runs once on its tokens;
+    outputs are summed in ascending expert order whatever order the provider yields them in, so the
+    result does not depend on where experts live. `predictions`: (later layer, expert scores [E])."""
     flat = x.reshape(-1, x.shape[-1])
-    weights, ids = route(flat, router_w, r)
-    hit = torch.unique(ids).tolist()  # the single host sync of the layer
-    experts = provider.fetch(layer, hit)
-    out = torch.zeros_like(flat)
-    for expert in hit:
+    counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
+    rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
+    table = rows.tolist()  # the single host sync of the layer
+    hit = [i for i in range(r.num_experts) if table[0][i] > 0]
+    prefetch = [(later, _top(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
+    outputs = {}
+    for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], prefetch):
         token, slot = torch.where(ids == expert)
-        y = expert_mlp(flat[token], experts[expert], e) * weights[token, slot, None]
+        outputs[expert] = (token, expert_mlp(flat[token], w, e) * weights[token, slot, None])
+    out = torch.zeros_like(flat)
+    for expert in sorted(outputs):
+        token, y = outputs[expert]
         out.index_add_(0, token, y.to(out.dtype))
     return out.view_as(x)
+
+
+def _top(scores: list[float], n: int) -> list[int]:
+    ranked = sorted((i for i in range(len(scores)) if scores[i] > 0), key=lambda i: -scores[i])
+    return ranked[:n]

@@ -1,0 +1,130 @@
+"""The offload engine as an ExpertProvider: experts live in the host tier, `capacity` of them per MoE
+layer sit in preallocated device slots; misses are copied in on the copier lane, predicted experts of
+later layers are prefetched behind the current layer's compute, and outputs never change."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import OffloadError
+from .cache import LayerSlots
+from .copier import make_copier
+from .policies import make_policy
+from .stats import EngineStats
+from .store import ExpertWeights, HostStore
+
+
+class OffloadedExperts:
+    def __init__(self, store: HostStore, moe_layers: list[int], capacity: int, device: torch.device,
+                 policy: str = "lru") -> None:
+        self.store, self.device = store, device
+        self.copier = make_copier(device)
+        self.slots = {layer: LayerSlots(capacity, make_policy(policy)) for layer in moe_layers}
+        self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
+                       for layer in moe_layers}
+        self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
+        self.prefetched: set[tuple[int, int]] = set()  # loaded ahead and not used yet
+        self.predicted: dict[int, set[int]] = {}
+        self.counters = EngineStats()
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(m.numel() for m in self.memory.values())
+
+    def provide(self, layer: int, experts: list[int], weights: list[float],
+                prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
+        slots, stats = self.slots[layer], self.counters.layers[layer]
+        self._score_prediction(layer, experts)
+        order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]
+        slots.observe(order, sorted(weights, reverse=True))
+        hits = [e for e in experts if e in slots.slot_of]
+        missing = [e for e in experts if e not in slots.slot_of]
+        stats.hits += len(hits)
+        stats.misses += len(missing)
+        for e in hits:
+            slots.access(e)
+            if (layer, e) in self.prefetched:
+                self.prefetched.discard((layer, e))
+                stats.prefetch_used += 1
+        in_use = set(experts)
+        batch = self._load(layer, missing, in_use)
+        for later, predicted in prefetch:
+            self._prefetch(later, predicted)
+        while True:
+            for e in hits + batch:
+                yield e, self._ready(layer, e)
+                in_use.discard(e)  # the caller has finished with it: its slot may be reused
+            if not missing:
+                return
+            hits, batch = [], self._load(layer, missing, in_use)
+            if not batch:
+                raise OffloadError(f"layer {layer}: no expert slot can be freed; raise cache_experts")
+
+    def _load(self, layer: int, missing: list[int], in_use: set[int]) -> list[int]:
+        """Admit and start copying as many of `missing` as free or evictable slots allow (consumes them)."""
+        slots, loaded = self.slots[layer], []
+        while missing:
+            placed = slots.admit(missing[0], protected=in_use)
+            if placed is None:
+                break
+            expert = missing.pop(0)
+            self._copy_in(layer, expert, *placed)
+            slots.access(expert)
+            loaded.append(expert)
+        return loaded
+
+    def _prefetch(self, layer: int, experts: list[int]) -> None:
+        self.predicted[layer] = set(experts)
+        slots, stats = self.slots[layer], self.counters.layers[layer]
+        for expert in experts:
+            if expert in slots.slot_of:
+                continue
+            placed = slots.admit(expert, protected=set(experts))
+            if placed is None:
+                return
+            self._copy_in(layer, expert, *placed)
+            self.prefetched.add((layer, expert))
+            stats.prefetch_issued += 1
+
+    def _copy_in(self, layer: int, expert: int, slot: int, evicted: int | None) -> None:
+        if evicted is not None:
+            self.pending.pop((layer, evicted), None)
+            if (layer, evicted) in self.prefetched:
+                self.prefetched.discard((layer, evicted))
+                self.counters.layers[layer].prefetch_wasted += 1
+        blob = self.store.blobs[layer, expert]
+        self.pending[layer, expert] = self.copier.submit(self.memory[layer][slot, : blob.numel()], blob)
+        self.counters.layers[layer].bytes_copied += blob.numel()
+
+    def _ready(self, layer: int, expert: int) -> ExpertWeights:
+        """Wait for the expert's copy (if any) and return views into its slot."""
+        handle = self.pending.pop((layer, expert), None)
+        if handle is not None:
+            start = time.perf_counter()
+            try:
+                self.copier.wait(handle)
+            except Exception as e:
+                self.slots[layer].drop(expert)
+                self.prefetched.discard((layer, expert))
+                raise OffloadError(f"copying expert {expert} of layer {layer} to {self.device} failed: {e}") from e
+            self.counters.wait_seconds += time.perf_counter() - start
+        return self.store.view(self.memory[layer][self.slots[layer].slot_of[expert]])
+
+    def _score_prediction(self, layer: int, routed: list[int]) -> None:
+        predicted = self.predicted.pop(layer, None)
+        if predicted is None:
+            return
+        stats = self.counters.layers[layer]
+        stats.predicted += len(predicted)
+        stats.predicted_correct += len(predicted & set(routed))
+        stats.routed += len(routed)
+
+    def sync(self) -> None:
+        """Wait for every copy in flight (tests and benchmarks; the hot path never needs it)."""
+        for (layer, expert) in list(self.pending):
+            self._ready(layer, expert)
+
+    def stats(self) -> dict:
+        return self.counters.summary(self.copier.busy_seconds)
