@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 
 from .engine.offloaded import OffloadedExperts
+from .engine.planner import plan
+from .engine.recorder import RoutingRecorder
 from .engine.resident import ResidentExperts
 from .engine.store import HostStore
 from .errors import CheckpointError, ModelFormatError, OffloadError
@@ -22,25 +24,40 @@ def _device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
-         cache_experts: int | None = None, prefetch: int = 1, policy: str = "lru") -> MoEModel:
-    """Load a model from a local directory (config.json + *.safetensors + tokenizer) or a hub repo id.
+def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
+         cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
+         miss_policy: str = "load", record_trace: str | Path | None = None, context: int = 4096) -> MoEModel:
+    """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
+    "demo" (the bundled model).
 
-    Tensors stream one at a time into the runtime's layout. `cache_experts=None` keeps every expert on
-    `device`; an int k keeps the experts in host memory with k device slots per MoE layer, prefetching
-    the predicted experts of the next `prefetch` MoE layers; `policy` names the eviction policy.
+    cache_experts: None keeps every expert on the compute device; an int k keeps the experts in host
+    memory with k device slots per MoE layer; "auto" lets the planner size the slots from free memory
+    (its table: `model.plan.explain()`). prefetch: later MoE layers whose experts are predicted and
+    copied ahead; policy: eviction policy (offload.engine.policies.POLICIES); miss_policy: "load" a
+    missed expert, compute it on the "cpu" where it lives, or "auto" (cost model);
+    record_trace: write routing decisions of decode steps to this JSONL file.
     """
     path, config, spec, adapter = load_spec(source)
     dev = _device(device)
     dtype = dtype or checkpoint_dtype(config)
     offloaded = cache_experts is not None and bool(spec.moe_layers)
     weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev)
+    experts, dense, model_plan = ResidentExperts(dict(weights.experts)), weights.dense, None
     if offloaded:
         store = HostStore(dict(weights.experts), pin=dev.type == "cuda")
         weights.experts.clear()
-        experts = OffloadedExperts(store, spec.moe_layers, cache_experts, dev, policy)
-        dense = {k: v.to(dev) for k, v in weights.dense.items()}
-    else:
-        experts, dense, prefetch = ResidentExperts(dict(weights.experts)), weights.dense, 0
-    decoder = Decoder(spec, dense, experts, dev, dtype, prefetch=prefetch)
-    return MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in weights.mtp.items()})
+        if cache_experts == "auto":
+            dense_bytes = sum(t.nbytes for t in dense.values())
+            model_plan = plan(spec, dense_bytes, store.blob_bytes, dev, dtype.itemsize, context)
+            cache_experts = model_plan.slots_per_layer
+        if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
+            raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
+        experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
+                                   policy, miss_policy)
+        dense = {k: v.to(dev) for k, v in dense.items()}
+    decoder = Decoder(spec, dense, experts, dev, dtype, prefetch=prefetch if offloaded else 0)
+    if record_trace is not None:
+        decoder.recorder = RoutingRecorder(record_trace)
+    model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in weights.mtp.items()})
+    model.plan = model_plan
+    return model

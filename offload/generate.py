@@ -65,17 +65,23 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
     step_valid = valid
-    for _ in range(max_new_tokens):
-        hidden = decoder.hidden_states(tokens, cache, positions, step_valid)
-        token = next_tokens(decoder.logits(hidden[:, -1]), history, sampling, generator)
-        yield token
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()):
-            return
-        history = torch.cat((history, token[:, None]), 1)
-        tokens = token[:, None]
-        positions = positions[:, -1:] + 1
-        step_valid = torch.ones(B, 1, dtype=torch.bool, device=input_ids.device)
+    if decoder.recorder is not None:
+        decoder.recorder.start(B)
+    try:
+        for _ in range(max_new_tokens):
+            hidden = decoder.hidden_states(tokens, cache, positions, step_valid)
+            token = next_tokens(decoder.logits(hidden[:, -1]), history, sampling, generator)
+            yield token
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                return
+            history = torch.cat((history, token[:, None]), 1)
+            tokens = token[:, None]
+            positions = positions[:, -1:] + 1
+            step_valid = torch.ones(B, 1, dtype=torch.bool, device=input_ids.device)
+    finally:
+        if decoder.recorder is not None:
+            decoder.recorder.finish()
 
 
 def generate_ids(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -17,6 +17,7 @@ Messages = list[dict[str, str]]
 class MoEModel:
     def __init__(self, decoder: Decoder, spec: ModelSpec, path: Path, mtp: dict[str, torch.Tensor]) -> None:
         self.decoder, self.spec, self.path, self.mtp = decoder, spec, path, mtp
+        self.plan = None  # the planner's Plan when cache_experts="auto"
         self._tokenizer = None
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}

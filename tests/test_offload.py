@@ -21,3 +21,31 @@ def test_offloaded_equals_resident(tiny, prefetch):
         assert 0 < stats["prediction_recall"] <= 1
     else:
         assert stats["prefetch_issued"] == 0
+
+
+def test_cpu_misses_trace_and_auto_plan(tmp_path):
+    """Fiddler-style CPU misses give the same tokens; the trace follows the shared schema; the planner
+    sizes the cache from a memory budget."""
+    from hf_tiny import save_tiny
+    from offload.engine.trace import read_trace
+
+    save_tiny("mixtral", tmp_path / "m")
+    resident = offload.load(tmp_path / "m")
+    trace = tmp_path / "routing.jsonl"
+    model = offload.load(tmp_path / "m", cache_experts=2, miss_policy="cpu", record_trace=trace)
+    prompt = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(model.generate(prompt, max_new_tokens=10), resident.generate(prompt, max_new_tokens=10))
+    stats = model.stats()
+    assert stats["cpu_computed"] > 0 and stats["bytes_copied"] < 10 * 2 * 4 * 4 * 64 * 96 * 3 * 4
+    rows = read_trace(trace)
+    assert {r.seq for r in rows} == {0, 1} and {r.layer for r in rows} == {0, 1, 2, 3}
+    assert {r.token for r in rows} == set(range(9))  # decode steps after the prefill
+    assert all(len(r.experts) == 2 and r.probs[0] >= r.probs[1] for r in rows)
+
+    from offload.engine.planner import kv_bytes, plan
+    spec, blob = resident.spec, 75_000
+    room = 10**6 + kv_bytes(spec, 512, 4) + 2 * 4 * blob + blob // 2  # 2.5 slots for each of 4 layers
+    p = plan(spec, dense_bytes=10**6, expert_bytes=blob, device=torch.device("cpu"), dtype_bytes=4,
+             context=512, free_device=int(room / 0.9) + 1, host_available=10**9)
+    assert p.slots_per_layer == 2 and p.placement == "inclusive"
+    assert "expert slots per MoE layer" in p.explain()

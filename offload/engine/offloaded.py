@@ -11,6 +11,7 @@ import torch
 from ..errors import OffloadError
 from .cache import LayerSlots
 from .copier import make_copier
+from .planner import measure_bandwidth
 from .policies import make_policy
 from .stats import EngineStats
 from .store import ExpertWeights, HostStore
@@ -18,8 +19,12 @@ from .store import ExpertWeights, HostStore
 
 class OffloadedExperts:
     def __init__(self, store: HostStore, moe_layers: list[int], capacity: int, device: torch.device,
-                 policy: str = "lru") -> None:
+                 policy: str = "lru", miss_policy: str = "load") -> None:
+        if miss_policy not in ("load", "cpu", "auto"):
+            raise ValueError(f"miss_policy must be 'load', 'cpu' or 'auto', got {miss_policy!r}")
         self.store, self.device = store, device
+        self.miss_policy = miss_policy
+        self.host_bandwidth = self.copy_bandwidth = 0.0  # measured on first use by the "auto" cost model
         self.copier = make_copier(device)
         self.slots = {layer: LayerSlots(capacity, make_policy(policy)) for layer in moe_layers}
         self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
@@ -33,14 +38,15 @@ class OffloadedExperts:
     def device_bytes(self) -> int:
         return sum(m.numel() for m in self.memory.values())
 
-    def provide(self, layer: int, experts: list[int], weights: list[float],
+    def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
         slots, stats = self.slots[layer], self.counters.layers[layer]
+        on_host = {e for e, n in zip(experts, tokens) if e not in slots.slot_of and self._compute_on_host(n)}
         self._score_prediction(layer, experts)
         order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]
         slots.observe(order, sorted(weights, reverse=True))
         hits = [e for e in experts if e in slots.slot_of]
-        missing = [e for e in experts if e not in slots.slot_of]
+        missing = [e for e in experts if e not in slots.slot_of and e not in on_host]
         stats.hits += len(hits)
         stats.misses += len(missing)
         for e in hits:
@@ -48,10 +54,14 @@ class OffloadedExperts:
             if (layer, e) in self.prefetched:
                 self.prefetched.discard((layer, e))
                 stats.prefetch_used += 1
+        stats.misses += len(on_host)
+        self.counters.cpu_computed += len(on_host)
         in_use = set(experts)
         batch = self._load(layer, missing, in_use)
         for later, predicted in prefetch:
             self._prefetch(later, predicted)
+        for e in sorted(on_host):
+            yield e, self.store.view(self.store.blobs[layer, e])
         while True:
             for e in hits + batch:
                 yield e, self._ready(layer, e)
@@ -61,6 +71,18 @@ class OffloadedExperts:
             hits, batch = [], self._load(layer, missing, in_use)
             if not batch:
                 raise OffloadError(f"layer {layer}: no expert slot can be freed; raise cache_experts")
+
+    def _compute_on_host(self, tokens: int) -> bool:
+        """Fiddler-style: run a missed expert where its weights are instead of copying them. On a CPU
+        compute device a copy only costs (same memory, same cores); on a GPU the cost model compares
+        copying the blob with reading it `tokens` times on the host."""
+        if self.miss_policy != "auto":
+            return self.miss_policy == "cpu"
+        if self.device.type == "cpu":
+            return True
+        if not self.copy_bandwidth:
+            self.host_bandwidth, self.copy_bandwidth = measure_bandwidth(self.device)
+        return tokens * self.store.blob_bytes / self.host_bandwidth < self.store.blob_bytes / self.copy_bandwidth
 
     def _load(self, layer: int, missing: list[int], in_use: set[int]) -> list[int]:
         """Admit and start copying as many of `missing` as free or evictable slots allow (consumes them)."""

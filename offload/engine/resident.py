@@ -12,7 +12,7 @@ class ResidentExperts:
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
         self.experts = experts
 
-    def provide(self, layer: int, experts: list[int], weights: list[float],
+    def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
         for e in experts:
             yield e, self.experts[layer, e]

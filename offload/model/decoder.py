@@ -28,6 +28,7 @@ class Decoder:
         self.spec, self.experts, self.device, self.dtype = spec, experts, device, dtype
         self.prefetch = prefetch
         self.prefetch_count = prefetch_count or (spec.router.top_k if spec.router else 0)
+        self.recorder = None  # an engine.recorder.RoutingRecorder when routing traces are recorded
         self.embed = weights["embed"]
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
@@ -48,6 +49,9 @@ class Decoder:
         q_index = torch.arange(cache.length, cache.length + T, device=self.device)
         cos_sin = {rope: table.cos_sin(positions, self.dtype) for rope, table in self.rotary.items()}
         h = F.embedding(input_ids, self.embed)
+        recording = self.recorder is not None and T == 1
+        if recording:
+            self.recorder.step()
         for i, (layer, w) in enumerate(zip(spec.layers, self.layers)):
             a = layer.attention
             h = h + attention(rms_norm(h, w["input_norm"], spec.rms_norm_eps), w["attn"], a, spec.rms_norm_eps,
@@ -57,6 +61,8 @@ class Decoder:
                 h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
             else:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
+                if recording:
+                    self.recorder.record(i, ids, weights)
                 h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, self._predict(h, i),
                             self.prefetch_count)
         cache.length += T

@@ -54,11 +54,12 @@ def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], e: ExpertSpec) -> to
 
 
 class ExpertProvider(Protocol):
-    """Where expert weights come from. `provide` yields (expert, weights on the compute device) for every
-    expert in `experts` (any order, each once); `prefetch` lists (layer, experts) predicted for later
-    layers. An engine may load, cache or prefetch, but must yield exact weights."""
+    """Where expert weights come from. `provide` yields (expert, weights) for every expert in `experts`
+    (any order, each once; weights on the compute device, or on the host to compute a miss there);
+    `weights`/`tokens`: routing mass and token count per expert; `prefetch` lists (layer, experts)
+    predicted for later layers. An engine may load, cache or prefetch, but must yield exact weights."""
 
-    def provide(self, layer: int, experts: list[int], weights: list[float],
+    def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]: ...
 
 
@@ -79,9 +80,12 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     hit = [i for i in range(r.num_experts) if table[0][i] > 0]
     prefetch = [(later, _top(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
     outputs = {}
-    for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], prefetch):
+    for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], [int(table[0][i]) for i in hit],
+                                      prefetch):
         token, slot = torch.where(ids == expert)
-        outputs[expert] = (token, expert_mlp(flat[token], w, e) * weights[token, slot, None])
+        where = next(iter(w.values())).device  # a miss may be computed where its weights are (the host)
+        y = expert_mlp(flat[token].to(where), w, e).to(flat.device)
+        outputs[expert] = (token, y * weights[token, slot, None])
     out = torch.zeros_like(flat)
     for expert in sorted(outputs):
         token, y = outputs[expert]

@@ -1,0 +1,39 @@
+"""Record routing decisions of decode steps as a trace file (the ../shared/traces JSONL schema).
+
+One `seq` per batch row of each generate call, `token` = decode step. The file is rewritten atomically
+(TraceWriter: temp name, then rename) after every generate call, so it is always complete.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .trace import TraceWriter
+
+
+class RoutingRecorder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[tuple[int, int, int, list[int], list[float]]] = []
+        self.next_seq = 0
+        self.first_seq = 0
+        self.token = -1
+
+    def start(self, batch: int) -> None:
+        self.first_seq, self.next_seq, self.token = self.next_seq, self.next_seq + batch, -1
+
+    def step(self) -> None:
+        self.token += 1
+
+    def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """ids, weights [B, k] of one decode step (one token per row); experts stored best first."""
+        order = weights.argsort(dim=-1, descending=True)
+        ids, weights = ids.gather(1, order).tolist(), weights.gather(1, order).tolist()
+        for b, (experts, probs) in enumerate(zip(ids, weights)):
+            self.rows.append((self.first_seq + b, self.token, layer, experts, probs))
+
+    def finish(self) -> None:
+        with TraceWriter(self.path) as writer:
+            for row in sorted(self.rows, key=lambda r: r[:3]):
+                writer.write(*row)
