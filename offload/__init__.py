@@ -26,7 +26,8 @@ def _device(device: str | torch.device) -> torch.device:
 
 def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
          cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
-         miss_policy: str = "load", record_trace: str | Path | None = None, context: int = 4096) -> MoEModel:
+         miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
+         context: int = 4096) -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
@@ -34,7 +35,9 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     memory with k device slots per MoE layer; "auto" lets the planner size the slots from free memory
     (its table: `model.plan.explain()`). prefetch: later MoE layers whose experts are predicted and
     copied ahead; policy: eviction policy (offload.engine.policies.POLICIES); miss_policy: "load" a
-    missed expert, compute it on the "cpu" where it lives, or "auto" (cost model);
+    missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
+    (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
+    smaller than the experts) or "auto" (the planner decides);
     record_trace: write routing decisions of decode steps to this JSONL file.
     """
     path, config, spec, adapter = load_spec(source)
@@ -50,10 +53,11 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
             dense_bytes = sum(t.nbytes for t in dense.values())
             model_plan = plan(spec, dense_bytes, store.blob_bytes, dev, dtype.itemsize, context)
             cache_experts = model_plan.slots_per_layer
+            placement = model_plan.placement if placement == "auto" else placement
         if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
             raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
         experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
-                                   policy, miss_policy)
+                                   policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive")
         dense = {k: v.to(dev) for k, v in dense.items()}
     decoder = Decoder(spec, dense, experts, dev, dtype, prefetch=prefetch if offloaded else 0)
     if record_trace is not None:

@@ -27,6 +27,11 @@ class ThreadCopier:
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Future:
         return self._pool.submit(self._copy, dst, src)
 
+    def writeback(self, dst: torch.Tensor, src: torch.Tensor) -> Future:
+        """Device->host copy of an evicted expert; FIFO with `submit`, so a later load into the same slot
+        starts only after it."""
+        return self.submit(dst, src)
+
     def wait(self, handle: Future) -> None:
         handle.result()  # re-raises the copy's exception in the caller
 
@@ -40,11 +45,21 @@ class CudaCopier:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.back_stream = torch.cuda.Stream(device)  # PCIe is full duplex: write-backs overlap loads
         self.busy_seconds = 0.0  # not measured per copy: that would need a host sync
 
+    def writeback(self, dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Event:
+        self.back_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.back_stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.back_stream)
+        return event
+
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Event:
-        # the slot may still be read by kernels queued on the compute stream: copy after them
+        # the slot may still be read by kernels queued on the compute stream, or be written back: copy after
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.stream.wait_stream(self.back_stream)
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()

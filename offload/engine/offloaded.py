@@ -18,8 +18,14 @@ from .store import ExpertWeights, HostStore
 
 
 class OffloadedExperts:
+    """placement "inclusive": the host keeps every expert, eviction is free. "exclusive": an expert lives
+    either in a device slot or in the host (host RAM smaller than all experts); an evicted expert is
+    written back to the host, a loaded one leaves it."""
+
     def __init__(self, store: HostStore, moe_layers: list[int], capacity: int, device: torch.device,
-                 policy: str = "lru", miss_policy: str = "load") -> None:
+                 policy: str = "lru", miss_policy: str = "load", placement: str = "inclusive") -> None:
+        if placement not in ("inclusive", "exclusive"):
+            raise ValueError(f"placement must be 'inclusive' or 'exclusive', got {placement!r}")
         if miss_policy not in ("load", "cpu", "auto"):
             raise ValueError(f"miss_policy must be 'load', 'cpu' or 'auto', got {miss_policy!r}")
         self.store, self.device = store, device
@@ -33,6 +39,12 @@ class OffloadedExperts:
         self.prefetched: set[tuple[int, int]] = set()  # loaded ahead and not used yet
         self.predicted: dict[int, set[int]] = {}
         self.counters = EngineStats()
+        self.exclusive = placement == "exclusive"
+        if self.exclusive:  # start with the first experts of every layer on the device, the rest in the host
+            for layer in moe_layers:
+                for expert in range(capacity):
+                    self._copy_in(layer, expert, *self.slots[layer].admit(expert, protected=()))
+            self.sync()
 
     @property
     def device_bytes(self) -> int:
@@ -111,13 +123,18 @@ class OffloadedExperts:
             stats.prefetch_issued += 1
 
     def _copy_in(self, layer: int, expert: int, slot: int, evicted: int | None) -> None:
+        blob = self.store.blobs[layer, expert]
+        dst = self.memory[layer][slot, : blob.numel()]
         if evicted is not None:
             self.pending.pop((layer, evicted), None)
             if (layer, evicted) in self.prefetched:
                 self.prefetched.discard((layer, evicted))
                 self.counters.layers[layer].prefetch_wasted += 1
-        blob = self.store.blobs[layer, expert]
-        self.pending[layer, expert] = self.copier.submit(self.memory[layer][slot, : blob.numel()], blob)
+            if self.exclusive:
+                home = self.store.new_blob()
+                self.copier.writeback(home, self.memory[layer][slot])
+                self.store.blobs[layer, evicted] = home
+        self.pending[layer, expert] = self.copier.submit(dst, blob)
         self.counters.layers[layer].bytes_copied += blob.numel()
 
     def _ready(self, layer: int, expert: int) -> ExpertWeights:
@@ -132,6 +149,8 @@ class OffloadedExperts:
                 self.prefetched.discard((layer, expert))
                 raise OffloadError(f"copying expert {expert} of layer {layer} to {self.device} failed: {e}") from e
             self.counters.wait_seconds += time.perf_counter() - start
+            if self.exclusive:
+                del self.store.blobs[layer, expert]  # it lives on the device now
         return self.store.view(self.memory[layer][self.slots[layer].slot_of[expert]])
 
     def _score_prediction(self, layer: int, routed: list[int]) -> None:

@@ -23,6 +23,7 @@ class HostStore:
     """(layer, expert) -> blob in host memory; all blobs share one layout (one parsed index)."""
 
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights], pin: bool = False) -> None:
+        self.pin = pin
         self.blobs: dict[tuple[int, int], torch.Tensor] = {}
         for key in sorted(experts):
             blob = pack_expert(experts[key])
@@ -30,6 +31,11 @@ class HostStore:
         first = next(iter(self.blobs.values()))
         self.index = read_index(first)
         self.blob_bytes = max(b.numel() for b in self.blobs.values())
+
+    def new_blob(self) -> torch.Tensor:
+        """Host memory for one expert coming back from the device (exclusive placement)."""
+        blob = torch.empty(self.blob_bytes, dtype=torch.uint8)
+        return _pin(blob) if self.pin else blob
 
     @property
     def nbytes(self) -> int:
