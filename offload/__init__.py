@@ -14,6 +14,7 @@ from .errors import CheckpointError, ModelFormatError, OffloadError
 from .lm import MoEModel
 from .loader import checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
+from .packed import is_packed, mapped_blobs, read_packed
 
 __all__ = ["load", "MoEModel", "OffloadError", "ModelFormatError", "CheckpointError"]
 
@@ -42,26 +43,35 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     """
     path, config, spec, adapter = load_spec(source)
     dev = _device(device)
-    dtype = dtype or checkpoint_dtype(config)
     offloaded = cache_experts is not None and bool(spec.moe_layers)
-    weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev)
-    experts, dense, model_plan = ResidentExperts(dict(weights.experts)), weights.dense, None
+    if is_packed(path):  # offload-convert output: experts memory-mapped from disk
+        dense, meta, mapped = read_packed(path, dev)
+        if dtype not in (None, getattr(torch, meta["dtype"])):
+            raise ValueError(f"{path} was packed in {meta['dtype']}; load it with dtype=None or re-convert")
+        dtype, mtp = getattr(torch, meta["dtype"]), {}
+        store = HostStore(mapped_blobs(meta, mapped))
+        resident = {key: {k: v.to(dev) for k, v in store.view(blob).items()} for key, blob in store.blobs.items()}
+    else:
+        dtype = dtype or checkpoint_dtype(config)
+        weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev)
+        dense, mtp, resident = weights.dense, weights.mtp, dict(weights.experts)
+        store = HostStore.pack(resident, pin=dev.type == "cuda") if offloaded else None
+    experts, model_plan = ResidentExperts(resident), None
     if offloaded:
-        store = HostStore(dict(weights.experts), pin=dev.type == "cuda")
-        weights.experts.clear()
+        resident.clear()
         if cache_experts == "auto":
-            dense_bytes = sum(t.nbytes for t in dense.values())
-            model_plan = plan(spec, dense_bytes, store.blob_bytes, dev, dtype.itemsize, context)
+            model_plan = plan(spec, sum(t.nbytes for t in dense.values()), store.blob_bytes, dev, dtype.itemsize,
+                              context)
             cache_experts = model_plan.slots_per_layer
             placement = model_plan.placement if placement == "auto" else placement
         if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
             raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
         experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
                                    policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive")
-        dense = {k: v.to(dev) for k, v in dense.items()}
-    decoder = Decoder(spec, dense, experts, dev, dtype, prefetch=prefetch if offloaded else 0)
+    decoder = Decoder(spec, {k: v.to(dev) for k, v in dense.items()}, experts, dev, dtype,
+                      prefetch=prefetch if offloaded else 0)
     if record_trace is not None:
         decoder.recorder = RoutingRecorder(record_trace)
-    model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in weights.mtp.items()})
+    model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})
     model.plan = model_plan
     return model

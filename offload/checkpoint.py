@@ -77,6 +77,16 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
+def _open_shard(file: Path):
+    """safe_open reading tensors into memory they own (pread): with the default mmap backend (safetensors >=0.8)
+    every loaded weight stays a view of the file, so rewriting the checkpoint in place changes a loaded model
+    and truncating it kills the process with SIGBUS."""
+    try:
+        return safe_open(str(file), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8: no backend argument
+        return safe_open(str(file), framework="pt")
+
+
 class TensorStream:
     """Yields (file, name) for every tensor, shard by shard; `read(name)` reads any tensor of the checkpoint."""
 
@@ -86,10 +96,20 @@ class TensorStream:
         self._open: dict[Path, object] = {}
         self._where: dict[str, Path] = {}
 
+    def close(self) -> None:
+        """Unmap every shard now (a failed load must not keep files mapped through its traceback)."""
+        self._close_all()
+
+    def __enter__(self) -> "TensorStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _handle(self, file: Path):
         if file not in self._open:
             try:
-                self._open[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+                self._open[file] = self._stack.enter_context(_open_shard(file))
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{file}: cannot read it as safetensors ({e}); the file is truncated or "
                                       "corrupt: re-download or re-save it") from None

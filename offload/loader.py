@@ -36,27 +36,27 @@ class LoadedWeights:
 def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device) -> LoadedWeights:
     expected = spec.expected_shapes()
     out = LoadedWeights()
-    stream = TensorStream(path)
     seen: set[str] = set()
-    for file, name in stream:
-        for canonical, tensor in adapter.convert(name, stream.read):
-            if canonical.startswith("mtp."):
-                out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
-                continue
-            shape = expected.get(canonical)
-            if shape is None:
-                continue  # a tensor this runtime does not use (e.g. rotary caches)
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                    f"{shape}; the checkpoint does not match its config.json: re-export them together")
-            target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
-            tensor = tensor.to(device=device, dtype=target)
-            seen.add(canonical)
-            if m := EXPERT.fullmatch(canonical):
-                out.experts[int(m[1]), int(m[2])][m[3]] = tensor
-            else:
-                out.dense[canonical] = tensor
+    with TensorStream(path) as stream:  # closes the shards even when a check below raises
+        for file, name in stream:
+            for canonical, tensor in adapter.convert(name, stream.read):
+                if canonical.startswith("mtp."):
+                    out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
+                    continue
+                shape = expected.get(canonical)
+                if shape is None:
+                    continue  # a tensor this runtime does not use (e.g. rotary caches)
+                if tuple(tensor.shape) != shape:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                        f"{shape}; the checkpoint does not match its config.json: re-export them together")
+                target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
+                tensor = tensor.to(device=device, dtype=target)
+                seen.add(canonical)
+                if m := EXPERT.fullmatch(canonical):
+                    out.experts[int(m[1]), int(m[2])][m[3]] = tensor
+                else:
+                    out.dense[canonical] = tensor
     missing = [k for k in expected if k not in seen]
     if missing:
         raise CheckpointError(

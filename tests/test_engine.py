@@ -38,7 +38,7 @@ def _drive(engine: OffloadedExperts, originals: dict, layer: int, needed: set, p
 @given(capacity=st.integers(1, 4), trace=steps, exclusive=st.booleans())
 def test_slot_invariants(capacity, trace, exclusive):
     originals = _experts()
-    engine = OffloadedExperts(HostStore(originals), list(LAYERS), capacity, torch.device("cpu"),
+    engine = OffloadedExperts(HostStore.pack(originals), list(LAYERS), capacity, torch.device("cpu"),
                               placement="exclusive" if exclusive else "inclusive")
     for layer, needed, predicted in trace:
         _drive(engine, originals, layer, needed, predicted)
@@ -62,7 +62,7 @@ def test_slot_invariants(capacity, trace, exclusive):
 def test_lru_order_is_exact(capacity, trace):
     """Without prefetch the residents follow an OrderedDict LRU reference exactly."""
     originals = _experts()
-    engine = OffloadedExperts(HostStore(originals), list(LAYERS), capacity, torch.device("cpu"))
+    engine = OffloadedExperts(HostStore.pack(originals), list(LAYERS), capacity, torch.device("cpu"))
     reference = {layer: OrderedDict() for layer in LAYERS}  # oldest first
     for layer, needed, _ in trace:
         _drive(engine, originals, layer, needed, [])

@@ -20,17 +20,20 @@ def _pin(blob: torch.Tensor) -> torch.Tensor:
 
 
 class HostStore:
-    """(layer, expert) -> blob in host memory; all blobs share one layout (one parsed index)."""
+    """(layer, expert) -> blob in host memory; all blobs share one layout (one parsed index). The blobs may
+    be views of a memory-mapped packed checkpoint (offload.packed)."""
 
-    def __init__(self, experts: dict[tuple[int, int], ExpertWeights], pin: bool = False) -> None:
+    def __init__(self, blobs: dict[tuple[int, int], torch.Tensor], pin: bool = False) -> None:
         self.pin = pin
-        self.blobs: dict[tuple[int, int], torch.Tensor] = {}
-        for key in sorted(experts):
-            blob = pack_expert(experts[key])
-            self.blobs[key] = _pin(blob) if pin else blob
-        first = next(iter(self.blobs.values()))
-        self.index = read_index(first)
-        self.blob_bytes = max(b.numel() for b in self.blobs.values())
+        self.blobs = blobs
+        self.index = read_index(next(iter(blobs.values())))
+        self.blob_bytes = max(b.numel() for b in blobs.values())
+
+    @classmethod
+    def pack(cls, experts: dict[tuple[int, int], ExpertWeights], pin: bool = False) -> "HostStore":
+        """Pack each expert's tensors into one blob (pinned on CUDA machines when allowed)."""
+        blobs = {key: pack_expert(experts[key]) for key in sorted(experts)}
+        return cls({key: _pin(b) for key, b in blobs.items()} if pin else blobs, pin)
 
     def new_blob(self) -> torch.Tensor:
         """Host memory for one expert coming back from the device (exclusive placement)."""
