@@ -27,16 +27,16 @@ class Sampling:
                 raise ValueError(message)
 
 
-def next_tokens(logits: torch.Tensor, history: torch.Tensor, s: Sampling,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B], with transformers' semantics for each rule."""
+def warp(logits: torch.Tensor, history: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Repetition penalty, then (when sampling) temperature, top-k and top-p, with transformers' semantics.
+    logits [B, V] fp32; filtered tokens get -inf."""
     logits = logits.float()
     if s.repetition_penalty != 1.0:
         seen = logits.gather(1, history)
         logits = logits.scatter(1, history, torch.where(seen < 0, seen * s.repetition_penalty,
                                                         seen / s.repetition_penalty))
     if s.temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1)[0][..., -1:]
@@ -46,8 +46,16 @@ def next_tokens(logits: torch.Tensor, history: torch.Tensor, s: Sampling,
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, history: torch.Tensor, s: Sampling,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: argmax when greedy, else a draw from the warped distribution."""
+    logits = warp(logits, history, s)
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -84,12 +92,12 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
             decoder.recorder.finish()
 
 
-def generate_ids(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 max_new_tokens: int, sampling: Sampling, eos_ids: Sequence[int], pad_id: int) -> torch.Tensor:
-    """[B, T] -> [B, T + n]; rows that finished early are padded with `pad_id` after their EOS."""
+def collect_ids(input_ids: torch.Tensor, tokens: Iterator[torch.Tensor], eos_ids: Sequence[int],
+                pad_id: int) -> torch.Tensor:
+    """[B, T] + yielded tokens -> [B, T + n]; rows that finished early are padded with `pad_id` after EOS."""
     out, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)
-    for token in token_loop(decoder, input_ids, attention_mask, max_new_tokens, sampling, eos_ids):
+    for token in tokens:
         out.append(torch.where(done, torch.full_like(token, pad_id), token))
         done |= torch.isin(token, eos)
     return torch.cat([input_ids, *[t[:, None] for t in out]], dim=1)
@@ -108,12 +116,12 @@ class TextStream:
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             return self._take(text[:cut])
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return self._take(text[: len(text) - hold])
 

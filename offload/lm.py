@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .generate import Sampling, TextStream, generate_ids, token_loop
+from .generate import Sampling, TextStream, collect_ids, token_loop
+from .model.mtp import MTPHead, mtp_weights
+from .speculative import SpecStats, speculative_loop
 from .model.decoder import Decoder
 from .spec import ModelSpec
 
@@ -19,6 +21,8 @@ class MoEModel:
         self.decoder, self.spec, self.path, self.mtp = decoder, spec, path, mtp
         self.plan = None  # the planner's Plan when cache_experts="auto"
         self._tokenizer = None
+        self._mtp_head: MTPHead | None = None
+        self.spec_stats = SpecStats()
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         eos = gen.get("eos_token_id", list(spec.eos_token_ids))
@@ -79,30 +83,60 @@ class MoEModel:
     def generate(self, prompt: torch.Tensor | str | Messages, max_new_tokens: int = 128, *,
                  attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | str = (), stream: bool = False,
-                 eos_token_ids: Sequence[int] | None = None) -> torch.Tensor | str | Iterator[str]:
+                 stop: Sequence[str] | str = (), stream: bool = False, eos_token_ids: Sequence[int] | None = None,
+                 speculative: str | None = None, draft_tokens: int = 3) -> torch.Tensor | str | Iterator[str]:
         """Tensor in -> tensor [B, T+N] out (greedy by default). Text or chat messages in -> the reply text,
-        or with stream=True an iterator of text pieces. Stops at EOS, a stop string, or max_new_tokens."""
+        or with stream=True an iterator of text pieces. Stops at EOS, a stop string, or max_new_tokens.
+        speculative="mtp": draft up to `draft_tokens` tokens per step with the checkpoint's MTP layer and
+        verify them in one forward (same output as plain decoding; single sequence only)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         sampling = Sampling(temperature, top_p, top_k, repetition_penalty, seed)
         eos = list(self.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if speculative and (not isinstance(draft_tokens, int) or draft_tokens < 1):
+            raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        draft = draft_tokens if speculative else 0
         if isinstance(prompt, torch.Tensor):
             if stream or stop:
                 raise ValueError("stream and stop need a text prompt; with token ids use max_new_tokens and EOS")
             ids = self._check_ids(prompt)
             mask = None if attention_mask is None else attention_mask.to(self.device)
             pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else (eos[0] if eos else 0)
-            return generate_ids(self.decoder, ids, mask, max_new_tokens, sampling, eos, pad)
+            if max_new_tokens == 0:
+                return ids
+            return collect_ids(ids, self._tokens(ids, mask, max_new_tokens, sampling, eos, draft), eos, pad)
         ids = self._check_ids(self._prompt_ids(prompt))
-        pieces = self._stream_text(ids, max_new_tokens, sampling, eos, [stop] if isinstance(stop, str) else stop)
+        pieces = self._stream_text(ids, max_new_tokens, sampling, eos, [stop] if isinstance(stop, str) else stop,
+                                   draft)
         return pieces if stream else "".join(pieces)
 
+    def _tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
+                eos: list[int], draft: int) -> Iterator[torch.Tensor]:
+        if not draft:
+            return token_loop(self.decoder, ids, mask, max_new_tokens, sampling, eos)
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("speculative decoding runs one unpadded sequence; drop attention_mask padding")
+        return speculative_loop(self.decoder, self.mtp_head, ids, max_new_tokens, sampling, eos, draft,
+                                self.spec_stats)
+
+    @property
+    def mtp_head(self) -> MTPHead:
+        if self._mtp_head is None:
+            weights = mtp_weights(self.mtp)
+            if weights is None:
+                raise ValueError(f"{self.path} has no MTP layer (model.mtp.layers.0.*); speculative='mtp' needs "
+                                 "one: use a MiMo-V2-Flash checkpoint with MTP weights or drop speculative")
+            d = self.decoder
+            self._mtp_head = MTPHead(weights, self.spec, d.embed, d.lm_head, d.device, d.dtype)
+        return self._mtp_head
+
     def _stream_text(self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, eos: list[int],
-                     stop: Sequence[str]) -> Iterator[str]:
+                     stop: Sequence[str], draft: int) -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
         with torch.inference_mode():
-            for token in token_loop(self.decoder, ids, None, max_new_tokens, sampling, eos):
+            for token in self._tokens(ids, None, max_new_tokens, sampling, eos, draft):
                 if int(token[0]) in eos:
                     break
                 piece = text.push(int(token[0]))
@@ -115,4 +149,4 @@ class MoEModel:
             yield tail
 
     def stats(self) -> dict:
-        return self.decoder.experts.stats()
+        return self.decoder.experts.stats() | {"speculative": self.spec_stats.summary()}

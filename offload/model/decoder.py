@@ -38,8 +38,9 @@ class Decoder:
                        for i in range(len(spec.layers))]
         self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers}
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache([layer.attention for layer in self.spec.layers], batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
+        return KVCache([layer.attention for layer in self.spec.layers], batch, max_len, self.dtype, self.device,
+                       slack)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                       valid: torch.Tensor) -> torch.Tensor:

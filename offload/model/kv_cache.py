@@ -22,10 +22,13 @@ class KeysView:
 
 
 class LayerCache:
+    """`slack` extra ring entries let speculative decoding write tokens it may take back (truncate) without
+    overwriting keys still inside the window."""
+
     def __init__(self, attn: AttentionSpec, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, slack: int = 0) -> None:
         self.window = attn.window
-        capacity = min(max_len, attn.window) if attn.window else max_len
+        capacity = min(max_len, attn.window + slack) if attn.window else max_len
         self.k = torch.zeros(batch, attn.num_kv_heads, capacity, attn.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, attn.num_kv_heads, capacity, attn.v_head_dim, dtype=dtype, device=device)
         self.index = torch.full((capacity,), -1, dtype=torch.long, device=device)
@@ -52,6 +55,12 @@ class LayerCache:
         self._write(slots, k[:, :, -keep:], v[:, :, -keep:], index[-keep:], valid[:, -keep:])
         return view
 
+    def truncate(self, length: int) -> None:
+        """Forget every entry at sequence index >= length."""
+        gone = self.index >= length
+        self.index[gone] = -1
+        self.valid[:, gone] = False
+
     def _write(self, slots, k, v, index, valid) -> None:
         self.k[:, :, slots] = k
         self.v[:, :, slots] = v
@@ -63,10 +72,16 @@ class KVCache:
     """One LayerCache per decoder layer plus the running sequence length."""
 
     def __init__(self, attention_specs: list[AttentionSpec], batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        self.layers = [LayerCache(a, batch, max_len, dtype, device) for a in attention_specs]
+                 device: torch.device | str, slack: int = 0) -> None:
+        self.layers = [LayerCache(a, batch, max_len, dtype, device, slack) for a in attention_specs]
         self.max_len = max_len
         self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first `length` tokens (rejected speculative tokens)."""
+        for layer in self.layers:
+            layer.truncate(length)
+        self.length = length
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for c in self.layers for t in (c.k, c.v))

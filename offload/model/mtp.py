@@ -1,0 +1,70 @@
+"""Multi-token prediction (DeepSeek-V3 / MiMo-V2-Flash MTP layer) for drafting speculative tokens.
+
+At position t the layer reads the main model's final (normed) hidden state h_t and token t+1:
+    x = eh_proj(cat[enorm(embed(tok_{t+1})), hnorm(h_t)])
+    x = x + attention(input_norm(x))          one sliding-window layer (with sinks), its own KV cache
+    x = x + mlp(post_attn_norm(x))            dense SwiGLU
+    logits_{t+2} = lm_head(final_norm(x))     embedding and LM head shared with the main model
+Chained drafts feed the layer's own output state back as h.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..archs.base import Renamer
+from ..spec import ExpertSpec, ModelSpec
+from .attention import attention
+from .kv_cache import LayerCache
+from .moe import expert_mlp
+from .norm import rms_norm
+from .rope import RotaryTable
+
+OWN = {"enorm.weight": "enorm", "hnorm.weight": "hnorm", "eh_proj.weight": "eh_proj",
+       "final_layernorm.weight": "final_norm"}
+_rename = Renamer([(r"self_attn\.attention_sink_bias", "attn.sinks"), *Renamer().layer_renames])
+
+
+def mtp_weights(mtp: dict[str, torch.Tensor], layer: int = 0) -> dict[str, torch.Tensor] | None:
+    """Canonical names for MTP layer `layer` from `model.mtp.*` tensors (prefix stripped), or None."""
+    prefix = f"layers.{layer}."
+    out = {}
+    for name, tensor in mtp.items():
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        canonical = OWN.get(rest) or _rename(f"model.layers.0.{rest}")
+        if canonical is not None:
+            out[canonical.removeprefix("layers.0.")] = tensor
+    return out or None
+
+
+class MTPHead:
+    def __init__(self, weights: dict[str, torch.Tensor], spec: ModelSpec, embed: torch.Tensor,
+                 lm_head: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+        self.w, self.spec, self.embed, self.lm_head = weights, spec, embed, lm_head
+        self.attn_spec = next(layer.attention for layer in spec.layers if layer.attention.window)
+        self.attn = {k[len("attn."):]: v for k, v in weights.items() if k.startswith("attn.")}
+        self.mlp = {k[len("mlp."):]: v for k, v in weights.items() if k.startswith("mlp.")}
+        self.mlp_spec = ExpertSpec(weights["mlp.gate"].shape[0])
+        self.rotary = RotaryTable(self.attn_spec.rope, device)
+        self.device, self.dtype = device, dtype
+
+    def new_cache(self, max_len: int, slack: int) -> LayerCache:
+        return LayerCache(self.attn_spec, 1, max_len, self.dtype, self.device, slack)
+
+    def step(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LayerCache,
+             start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [1, T, H] at positions start..start+T-1, next_ids [1, T] -> (state [1, T, H], logits)."""
+        eps = self.spec.rms_norm_eps
+        T = hidden.shape[1]
+        e = rms_norm(F.embedding(next_ids, self.embed), self.w["enorm"], eps)
+        x = F.linear(torch.cat((e, rms_norm(hidden, self.w["hnorm"], eps)), dim=-1), self.w["eh_proj"])
+        q_index = torch.arange(start, start + T, device=self.device)
+        cos_sin = self.rotary.cos_sin(q_index[None], self.dtype)
+        valid = torch.ones(1, T, dtype=torch.bool, device=self.device)
+        x = x + attention(rms_norm(x, self.w["input_norm"], eps), self.attn, self.attn_spec, eps, cos_sin, cache,
+                          q_index, valid)
+        x = x + expert_mlp(rms_norm(x, self.w["post_attn_norm"], eps), self.mlp, self.mlp_spec)
+        state = rms_norm(x, self.w["final_norm"], eps)
+        return state, F.linear(state, self.lm_head)

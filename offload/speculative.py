@@ -1,0 +1,171 @@
+"""MTP speculative decoding: the MTP layer drafts k tokens, one forward of the main model verifies them.
+
+Greedy decoding gives exactly the plain greedy tokens; sampling uses the standard acceptance rule
+(accept a draft d with probability min(1, p(d)/q(d)), else draw from max(p - q, 0)), so the output
+distribution is unchanged. The draft length is chosen per step (`DraftLength`) from the measured
+acceptance and the measured time of a verify step of each length: under offloading a longer verify
+touches more experts, and that cost is in the measurement, so speculation backs off when it would lose.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .generate import Sampling, warp
+from .model.decoder import Decoder
+from .model.mtp import MTPHead
+
+
+@dataclass
+class DraftLength:
+    """Chooses k in 0..max_k maximising expected tokens per second: E(k) = 1 + a + ... + a^k tokens for
+    a step that costs c(k) seconds (EMAs of the acceptance rate a and of each c(k)); re-measures a
+    neighbouring length now and then so the estimates follow the cache's state."""
+
+    max_k: int
+    acceptance: float = 0.7
+    cost: dict[int, float] = field(default_factory=dict)
+    steps: int = 0
+    decay: float = 0.8
+    explore_every: int = 16
+
+    def choose(self) -> int:
+        self.steps += 1
+        unmeasured = [k for k in range(self.max_k, -1, -1) if k not in self.cost]
+        if unmeasured:
+            return unmeasured[0]
+        best = max(range(self.max_k + 1), key=self.rate)
+        if self.steps % self.explore_every == 0:
+            return min(self.max_k, best + 1) if best < self.max_k else best - 1
+        return best
+
+    def rate(self, k: int) -> float:
+        return sum(self.acceptance ** i for i in range(k + 1)) / self.cost[k]
+
+    def update(self, k: int, seconds: float, accepted: int) -> None:
+        self.cost[k] = seconds if k not in self.cost else self.decay * self.cost[k] + (1 - self.decay) * seconds
+        trials = min(k, accepted + 1)
+        if trials:
+            observed = accepted / trials
+            self.acceptance = self.decay * self.acceptance + (1 - self.decay) * observed
+
+
+@dataclass
+class SpecStats:
+    verify_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    first_drafted: int = 0
+    first_accepted: int = 0
+    tokens: int = 0
+
+    def summary(self) -> dict:
+        return {"verify_steps": self.verify_steps, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
+                "first_draft_acceptance": self.first_accepted / self.first_drafted if self.first_drafted else 0.0,
+                "tokens_per_forward": self.tokens / self.verify_steps if self.verify_steps else 0.0}
+
+
+def _distribution(logits: torch.Tensor, history: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The sampling distribution [V] for logits [V]; one-hot on the argmax when greedy."""
+    warped = warp(logits[None], history, s)[0]
+    if s.temperature == 0:
+        return torch.nn.functional.one_hot(warped.argmax(), warped.numel()).float()
+    return warped.softmax(-1)
+
+
+def _draw(logits: torch.Tensor, history: torch.Tensor, s: Sampling, generator) -> tuple[int, torch.Tensor]:
+    """(token, the distribution it was drawn from)."""
+    probs = _distribution(logits, history, s)
+    if s.temperature == 0:
+        return int(probs.argmax()), probs
+    return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+
+def _accept(draft: int, p: torch.Tensor, q: torch.Tensor, generator) -> int | None:
+    """None if `draft` (drawn from q) is accepted under target p, else the corrected token. With one-hot
+    (greedy) p and q this accepts exactly when the draft is the target's argmax."""
+    if torch.rand((), generator=generator) * q[draft] < p[draft]:  # accept with probability min(1, p/q)
+        return None
+    residual = (p - q).clamp(min=0)
+    return int(torch.multinomial(residual if residual.sum() > 0 else p, 1, generator=generator))
+
+
+def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, max_new_tokens: int,
+                     sampling: Sampling, eos_ids: Sequence[int], max_draft: int, stats: SpecStats,
+                     chooser: DraftLength | None = None) -> Iterator[torch.Tensor]:
+    """Yield tokens [1] one at a time, like generate.token_loop, for a single sequence."""
+    if input_ids.shape[0] != 1:
+        raise ValueError("speculative decoding runs one sequence at a time; pass a single prompt")
+    if max_new_tokens == 0:
+        return
+    device = decoder.device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    chooser = chooser or DraftLength(max_draft)
+    T, slack = input_ids.shape[1], max_draft + 1
+    cache = decoder.new_cache(1, T + max_new_tokens + slack, slack=slack)
+    mtp_cache = mtp.new_cache(T + max_new_tokens + slack, slack)
+
+    def run_main(tokens: torch.Tensor) -> torch.Tensor:
+        start, n = cache.length, tokens.shape[1]
+        positions = torch.arange(start, start + n, device=device)[None]
+        return decoder.hidden_states(tokens, cache, positions, torch.ones(1, n, dtype=torch.bool, device=device))
+
+    hidden = run_main(input_ids)
+    history = input_ids
+    token, _ = _draw(decoder.logits(hidden[0, -1]), history, sampling, generator)
+    produced = 1
+    yield torch.tensor([token], device=device)
+    pending_h, pending_ids, pending_start = hidden, torch.cat((input_ids[:, 1:], history.new_tensor([[token]])), 1), 0
+    while produced < max_new_tokens and token not in eos_ids:
+        k = min(chooser.choose(), max_new_tokens - produced - 1)
+        started = time.perf_counter()
+        last = cache.length - 1  # position of the newest token the main model has processed
+        drafts, draft_probs = [], []
+        if k > 0:
+            state, logits = mtp.step(pending_h, pending_ids, mtp_cache, pending_start)  # catch up, then draft
+            for i in range(k):
+                d, q = _draw(logits[0, -1], torch.cat((history, history.new_tensor([[token, *drafts]])), 1),
+                             sampling, generator)
+                drafts.append(d)
+                draft_probs.append(q)
+                if i + 1 < k:
+                    state, logits = mtp.step(state[:, -1:], history.new_tensor([[d]]), mtp_cache, last + 1 + i)
+            mtp_cache.truncate(last + 1)  # chained drafts were tentative
+        verify = history.new_tensor([[token, *drafts]])
+        hv = run_main(verify)
+        logits = decoder.logits(hv)[0]
+        history = torch.cat((history, verify[:, :1]), 1)
+        accepted, out = 0, None
+        for i, d in enumerate(drafts):
+            out = _accept(d, _distribution(logits[i], history, sampling), draft_probs[i], generator)
+            if out is not None:
+                break
+            accepted += 1
+            history = torch.cat((history, verify[:, i + 1:i + 2]), 1)
+        if out is None:  # every draft accepted: the verify step's last position gives a bonus token
+            out, _ = _draw(logits[accepted], history, sampling, generator)
+        stats.verify_steps += 1
+        stats.drafted += k
+        stats.accepted += accepted
+        stats.first_drafted += k > 0
+        stats.first_accepted += k > 0 and accepted > 0
+        new = drafts[:accepted] + [out]
+        stats.tokens += len(new)
+        cache.truncate(last + 2 + accepted)
+        chooser.update(k, time.perf_counter() - started, accepted)
+        for t in new:
+            produced += 1
+            yield torch.tensor([t], device=device)
+            if t in eos_ids or produced >= max_new_tokens:
+                return
+        if k > 0:
+            pending_h, pending_start = hv[:, :accepted + 1], last + 1
+            pending_ids = history.new_tensor([[*drafts[:accepted], out]])
+        else:  # the MTP layer was not run: remember its inputs for the next catch-up
+            pending_h = torch.cat((pending_h, hv[:, :1]), 1)
+            pending_ids = torch.cat((pending_ids, history.new_tensor([[out]])), 1)
+        token = out

@@ -1,0 +1,73 @@
+"""MTP speculative decoding on a tiny random MiMo-V2-Flash checkpoint with an MTP layer: greedy output is
+token-for-token the plain greedy output (resident and offloaded); sampling keeps the distribution."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import offload
+from hf_tiny import save_tiny
+
+
+def _mtp_tensors(state: dict, g: torch.Generator) -> dict:
+    """An MTP layer in the real checkpoints' layout: norms, eh_proj, one sliding attention layer, an MLP."""
+    layer = "model.layers.1."  # a sliding layer: same attention shapes, sinks included
+    out = {}
+    for name, t in state.items():
+        if name.startswith(layer + "self_attn.") or name.startswith(layer + "input_layernorm") or \
+                name.startswith(layer + "post_attention_layernorm"):
+            out["model.mtp.layers.0." + name[len(layer):]] = t + 0.05 * torch.randn(t.shape, generator=g)
+    dense = "model.layers.0.mlp."
+    for name in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+        t = state[dense + name]
+        out["model.mtp.layers.0.mlp." + name] = t + 0.05 * torch.randn(t.shape, generator=g)
+    h = state["model.norm.weight"].numel()
+    for name in ("enorm", "hnorm", "final_layernorm"):
+        out[f"model.mtp.layers.0.{name}.weight"] = 1 + 0.3 * torch.randn(h, generator=g)
+    out["model.mtp.layers.0.eh_proj.weight"] = 0.1 * torch.randn(h, 2 * h, generator=g)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mimo_mtp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mimo_mtp")
+    save_tiny("mimo_v2_flash", path)
+    state = load_file(path / "model.safetensors")
+    save_file(state | _mtp_tensors(state, torch.Generator().manual_seed(0)), path / "model.safetensors",
+              metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("cache_experts", [None, 2])
+@pytest.mark.parametrize("draft", [1, 3])
+def test_greedy_speculative_equals_plain(mimo_mtp, cache_experts, draft):
+    model = offload.load(mimo_mtp, cache_experts=cache_experts)
+    for seed in range(3):
+        prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(seed))
+        plain = model.generate(prompt, max_new_tokens=40)
+        fast = model.generate(prompt, max_new_tokens=40, speculative="mtp", draft_tokens=draft)
+        assert fast.tolist() == plain.tolist()
+    stats = model.stats()["speculative"]
+    assert stats["verify_steps"] > 0 and stats["drafted"] > 0
+    assert 0 <= stats["acceptance"] <= 1
+
+
+def test_sampling_acceptance_rule_preserves_distribution():
+    """The acceptance rule applied to drafts from q yields exactly the target p (exact enumeration)."""
+    from offload.speculative import _accept
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        out = _accept(d, p, q, g)
+        counts[d if out is None else out] += 1
+    assert torch.allclose(counts / n, p, atol=0.015)
+
+
+def test_speculative_requires_mtp_weights(tmp_path):
+    save_tiny("mixtral", tmp_path)
+    with pytest.raises(ValueError, match="no MTP layer"):
+        offload.load(tmp_path).generate(torch.tensor([[1, 2]]), max_new_tokens=3, speculative="mtp")
