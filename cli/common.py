@@ -17,12 +17,10 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    except typer.exceptions.TyperException as e:  # usage errors: typer prints them itself
+        e.show()
+        sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: report, don't crash
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
         if "--debug" in args:
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,70 @@
+"""The real console scripts in a subprocess: one-shot, interactive, benchmarks, exit codes, one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_tiny import save_tiny
+from tiny_tokenizer import VOCAB_SIZE, save_tokenizer
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat")
+    save_tiny("mimo_v2_flash", path, vocab_size=VOCAB_SIZE)
+    save_tokenizer(path)
+    return path
+
+
+def run(*args, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *args[1:]], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_one_shot_prompt(chat_model):
+    import offload
+
+    expected = offload.load(chat_model).generate([{"role": "user", "content": "hello"}], max_new_tokens=6)
+    result = run("offload-chat", "--model", str(chat_model), "-p", "hello", "-n", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+
+
+def test_interactive_session(chat_model):
+    result = run("offload-chat", "--model", str(chat_model), "-n", "4", stdin="hello\n/reset\nhi there\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model>") == 2
+
+
+def test_end_of_input_exits_cleanly(chat_model):
+    assert run("offload-chat", "--model", str(chat_model), stdin="").returncode == 0
+
+
+def test_runtime_error_is_one_line_without_traceback(tmp_path):
+    result = run("offload-chat", "--model", str(tmp_path), "-p", "hi")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "config.json" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    debug = run("offload-chat", "--model", str(tmp_path), "-p", "hi", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_usage_error_exits_2(chat_model):
+    assert run("offload-chat", "--model", str(chat_model), "--max-new-tokens", "-3").returncode == 2
+    assert run("offload-chat", "--no-such-flag").returncode == 2
+    assert run("offload-bench", "no-such-bench").returncode == 2
+
+
+def test_cache_sim_bench(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    rows = [{"seq": 0, "token": t, "layer": 0, "experts": [t % 5, (t % 5 + 1 + t % 3) % 5], "probs": [0.6, 0.4]}
+            for t in range(40)]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run("offload-bench", "cache-sim", "--trace", str(trace), "--policy", "all", "--capacity", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    text = json.dumps(report)
+    assert "lru" in text and "belady" in text
