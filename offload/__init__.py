@@ -15,6 +15,7 @@ from .lm import MoEModel
 from .loader import checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
 from .packed import is_packed, mapped_blobs, read_packed
+from .quantize import prepared, quantize_weights
 
 __all__ = ["load", "MoEModel", "OffloadError", "ModelFormatError", "CheckpointError"]
 
@@ -28,7 +29,7 @@ def _device(device: str | torch.device) -> torch.device:
 def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
          cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
          miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
-         context: int = 4096) -> MoEModel:
+         context: int = 4096, quant: str | None = None) -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
@@ -39,26 +40,34 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
     (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
     smaller than the experts) or "auto" (the planner decides);
-    record_trace: write routing decisions of decode steps to this JSONL file.
+    record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
+    offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load.
     """
     path, config, spec, adapter = load_spec(source)
     dev = _device(device)
     offloaded = cache_experts is not None and bool(spec.moe_layers)
+    store = resident = None
     if is_packed(path):  # offload-convert output: experts memory-mapped from disk
         dense, meta, mapped = read_packed(path, dev)
         if dtype not in (None, getattr(torch, meta["dtype"])):
             raise ValueError(f"{path} was packed in {meta['dtype']}; load it with dtype=None or re-convert")
         dtype, mtp = getattr(torch, meta["dtype"]), {}
         store = HostStore(mapped_blobs(meta, mapped))
-        resident = {key: {k: v.to(dev) for k, v in store.view(blob).items()} for key, blob in store.blobs.items()}
     else:
         dtype = dtype or checkpoint_dtype(config)
-        weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev)
-        dense, mtp, resident = weights.dense, weights.mtp, dict(weights.experts)
-        store = HostStore.pack(resident, pin=dev.type == "cuda") if offloaded else None
-    experts, model_plan = ResidentExperts(resident), None
-    if offloaded:
-        resident.clear()
+        weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev,
+                               keep_quantized=quant is not None)
+        dense, mtp, resident = weights.dense, weights.mtp, weights.experts
+        if quant is not None:
+            quantize_weights(dense, resident, quant)
+    model_plan = None
+    if not offloaded:
+        if resident is None:
+            resident = {key: {k: v.to(dev) for k, v in store.view(blob).items()} for key, blob in store.blobs.items()}
+        experts = ResidentExperts({key: prepared(w) for key, w in resident.items()})
+    else:
+        store = store or HostStore.pack(resident, pin=dev.type == "cuda")
+        resident = None  # the host store holds the experts now
         if cache_experts == "auto":
             model_plan = plan(spec, sum(t.nbytes for t in dense.values()), store.blob_bytes, dev, dtype.itemsize,
                               context)
@@ -68,7 +77,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
             raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
         experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
                                    policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive")
-    decoder = Decoder(spec, {k: v.to(dev) for k, v in dense.items()}, experts, dev, dtype,
+    decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
                       prefetch=prefetch if offloaded else 0)
     if record_trace is not None:
         decoder.recorder = RoutingRecorder(record_trace)

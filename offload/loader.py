@@ -11,6 +11,7 @@ from .archs import adapter_for
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
 from .spec import ModelSpec
+from offload.quant import QuantizedTensor
 
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(\w+)")
 FP32_ALWAYS = ("router.correction_bias",)  # selection-only bias: transformers keeps it in fp32 too
@@ -33,7 +34,15 @@ class LoadedWeights:
         self.mtp: dict[str, torch.Tensor] = {}
 
 
-def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device) -> LoadedWeights:
+def _place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: bool):
+    """A checkpoint-quantized tensor (gpt-oss MXFP4) stays quantized only when a preset will run on it."""
+    if isinstance(tensor, QuantizedTensor):
+        return tensor.to(device) if keep_quantized else tensor.dequantize(dtype).to(device)
+    return tensor.to(device=device, dtype=dtype)
+
+
+def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
+                 keep_quantized: bool = False) -> LoadedWeights:
     expected = spec.expected_shapes()
     out = LoadedWeights()
     seen: set[str] = set()
@@ -51,7 +60,7 @@ def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, devic
                         f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
                         f"{shape}; the checkpoint does not match its config.json: re-export them together")
                 target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
-                tensor = tensor.to(device=device, dtype=target)
+                tensor = _place(tensor, target, device, keep_quantized)
                 seen.add(canonical)
                 if m := EXPERT.fullmatch(canonical):
                     out.experts[int(m[1]), int(m[2])][m[3]] = tensor

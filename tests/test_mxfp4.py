@@ -56,3 +56,13 @@ def test_mxfp4_checkpoint(tmp_path):
         expected = hf(ids).logits
     got = model.forward(ids)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_mxfp4_experts_stay_mxfp4_under_a_preset(tmp_path):
+    test_mxfp4_checkpoint(tmp_path)  # writes the MXFP4 checkpoint (and checks it)
+    resident = offload.load(tmp_path, quant="a4e4")
+    offloaded = offload.load(tmp_path, quant="a4e4", cache_experts=2)
+    view = offloaded.decoder.experts.store.view(offloaded.decoder.experts.store.blobs[0, 0])
+    assert {view[m].fmt for m in ("gate", "up", "down")} == {"mxfp4"}
+    ids = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(resident.generate(ids, max_new_tokens=6), offloaded.generate(ids, max_new_tokens=6))

@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from offload.quant import from_mxfp4
+
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (COMMON_LAYER_RENAMES, LAYER, Converted, ReadTensor, Renamer, eos_ids, head_dim_of, need,
                    plain_attention, rope_params, rope_spec)
@@ -38,17 +40,6 @@ def spec(config: dict) -> ModelSpec:
     )
 
 
-FP4_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """[..., rows, cols/32, 16] uint8 (low nibble = even element) + E8M0 scales -> fp32 [..., rows, cols]."""
-    lut = FP4_E2M1.to(blocks.device)
-    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1).flatten(-2)
-    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
-    return values.flatten(-2)
-
-
 _rename = Renamer([(r"mlp\.router\.weight", "router.weight"), (r"mlp\.router\.bias", "router.bias"),
                    *COMMON_LAYER_RENAMES])
 _FUSED = re.compile(r"mlp\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
@@ -64,6 +55,14 @@ def _split_rows(prefix: str, proj: str, rows: torch.Tensor, suffix: str) -> Conv
             yield f"{prefix}experts.{e}.down{suffix}", rows[e].contiguous()
 
 
+def _split_mxfp4(prefix: str, proj: str, blocks: torch.Tensor, scales: torch.Tensor) -> Converted:
+    rows = {"gate": slice(0, None, 2), "up": slice(1, None, 2)} if proj == "gate_up_proj" else {"down": slice(None)}
+    for e in range(blocks.shape[0]):
+        for role, r in rows.items():
+            name = f"{prefix}experts.{e}.{role}"
+            yield name, from_mxfp4(blocks[e, r].contiguous(), scales[e, r].contiguous(), name=name)
+
+
 def convert(name: str, read: ReadTensor) -> Converted:
     m = LAYER.fullmatch(name)
     fused = _FUSED.fullmatch(m.group(2)) if m else None
@@ -75,7 +74,6 @@ def convert(name: str, read: ReadTensor) -> Converted:
         return []
     if kind == "_bias":
         return _split_rows(prefix, proj, read(name), "_bias")
-    if kind == "_blocks":
-        rows = dequantize_mxfp4(read(name), read(name[: -len("_blocks")] + "_scales"))
-        return _split_rows(prefix, proj, rows, "")
+    if kind == "_blocks":  # kept in MXFP4; the loader dequantizes when no quantization preset is asked for
+        return _split_mxfp4(prefix, proj, read(name), read(name[: -len("_blocks")] + "_scales"))
     return _split_rows(prefix, proj, read(name).transpose(1, 2), "")  # dense [E, in, out] -> [E, out, in]

@@ -3,10 +3,10 @@ scaling: every variant the supported architectures use, selected by the layer's 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..spec import AttentionSpec
 from .kv_cache import KeysView, LayerCache
+from .linear import linear
 from .norm import rms_norm
 from .rope import apply_rotary
 
@@ -26,9 +26,9 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps
               valid: torch.Tensor) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]. `q_index` [T]: sequence indices of the new tokens; `valid` [B, T]: not padding."""
     B, T, _ = x.shape
-    q = F.linear(x, w["q"], w.get("q_bias"))
-    k = F.linear(x, w["k"], w.get("k_bias"))
-    v = F.linear(x, w["v"], w.get("v_bias"))
+    q = linear(x, w["q"], w.get("q_bias"))
+    k = linear(x, w["k"], w.get("k_bias"))
+    v = linear(x, w["v"], w.get("v_bias"))
     if a.qk_norm == "full":
         q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
     if a.clip_qkv is not None:
@@ -58,4 +58,4 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps
     if a.sinks:
         probs = probs[..., :-1]
     out = torch.matmul(probs.to(vv.dtype), vv).transpose(1, 2).reshape(B, T, -1)
-    return F.linear(out, w["o"], w.get("o_bias"))
+    return linear(out, w["o"], w.get("o_bias"))

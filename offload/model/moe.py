@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import ExpertSpec, RouterSpec
+from .linear import linear
 
 
 def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,15 +43,15 @@ def _mask_groups(choice: torch.Tensor, r: RouterSpec) -> torch.Tensor:
 
 def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], e: ExpertSpec) -> torch.Tensor:
     """One expert (or dense MLP) on x [N, H]: SwiGLU, or gpt-oss's clamped variant with biases."""
-    gate = F.linear(x, w["gate"], w.get("gate_bias"))
-    up = F.linear(x, w["up"], w.get("up_bias"))
+    gate = linear(x, w["gate"], w.get("gate_bias"))
+    up = linear(x, w["up"], w.get("up_bias"))
     if e.activation == "swiglu":
         hidden = F.silu(gate) * up
     else:
         gate = gate.clamp(max=e.limit)
         up = up.clamp(-e.limit, e.limit)
         hidden = (up + 1) * gate * torch.sigmoid(gate * e.alpha)
-    return F.linear(hidden, w["down"], w.get("down_bias"))
+    return linear(hidden, w["down"], w.get("down_bias"))
 
 
 class ExpertProvider(Protocol):
@@ -83,7 +84,7 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], [int(table[0][i]) for i in hit],
                                       prefetch):
         token, slot = torch.where(ids == expert)
-        where = next(iter(w.values())).device  # a miss may be computed where its weights are (the host)
+        where = getattr(w["down"], "device", flat.device)  # a miss may be computed on the host, where it lives
         y = expert_mlp(flat[token].to(where), w, e).to(flat.device)
         outputs[expert] = (token, y * weights[token, slot, None])
     out = torch.zeros_like(flat)

@@ -1,0 +1,101 @@
+"""qmatmul / expert_mlp: pick the kernel for a weight's format and device.
+
+`prepare` turns a stored QuantizedTensor into the compute-ready form once (the engine
+does it when an expert lands in a slot); qmatmul on a raw QuantizedTensor prepares on
+the fly, which is correct but pays the conversion every call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from offload.kernels.activations import ACTIVATIONS
+from offload.kernels.cpu import supports_int4pack, to_int4pack
+from offload.quant.nf4 import nf4_state
+from offload.quant.tensor import QuantizedTensor
+
+BACKENDS = ("cpu", "triton")
+
+
+class Prepared(Protocol):
+    def matmul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class DequantWeight:
+    """Fallback: dequantize, then a dense matmul (MXFP4 or HQQ axis=0 / group 16 on CPU)."""
+
+    qt: QuantizedTensor
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.qt.dequantize(x.dtype).t()
+
+
+@dataclass
+class NF4Weight:
+    """bitsandbytes' own 4-bit matmul (CPU and CUDA)."""
+
+    qt: QuantizedTensor
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        state = nf4_state(self.qt, x.dtype)
+        return bnb.matmul_4bit(x, self.qt.tensors["qweight"].view(-1, 1).t(), state)
+
+
+@dataclass
+class TritonPrepared:
+    """Triton kernels (imported lazily: TRITON_INTERPRET must be set before the first import)."""
+
+    weight: object
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor) -> "TritonPrepared":
+        from offload.kernels.triton.launch import TritonWeight
+
+        return cls(TritonWeight.from_quantized(qt))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        from offload.kernels.triton.launch import triton_qmm
+
+        return triton_qmm(x, self.weight)
+
+
+def prepare(w: QuantizedTensor, backend: str | None = None) -> Prepared:
+    """Compute-ready form of `w` for `backend` ("cpu" | "triton"; default: by w's device)."""
+    backend = backend or ("triton" if w.device.type == "cuda" else "cpu")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; use one of {list(BACKENDS)}")
+    if w.fmt == "nf4":
+        return NF4Weight(w)
+    if backend == "triton":
+        return TritonPrepared.from_quantized(w)
+    return to_int4pack(w) if supports_int4pack(w) else DequantWeight(w)
+
+
+def qmatmul(x: torch.Tensor, w: QuantizedTensor | Prepared, bias: torch.Tensor | None = None,
+            backend: str | None = None) -> torch.Tensor:
+    """x [..., in] @ W.T (+ bias) -> [..., out] in x.dtype, W the dequantized weight [out, in]."""
+    prepared = prepare(w, backend) if isinstance(w, QuantizedTensor) else w
+    y = prepared.matmul(x)
+    return y + bias if bias is not None else y
+
+
+def expert_mlp(x: torch.Tensor, gate: QuantizedTensor | Prepared, up: QuantizedTensor | Prepared,
+               down: QuantizedTensor | Prepared, activation: str = "silu", gate_bias: torch.Tensor | None = None,
+               up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)); gate/up fused in one Triton kernel when both are Triton weights."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    g, u = (prepare(t, backend) if isinstance(t, QuantizedTensor) else t for t in (gate, up))
+    if isinstance(g, TritonPrepared) and isinstance(u, TritonPrepared):
+        from offload.kernels.triton.launch import triton_expert_gate_up
+
+        h = triton_expert_gate_up(x, g.weight, u.weight, activation, gate_bias, up_bias)
+    else:
+        h = ACTIVATIONS[activation](qmatmul(x, g, gate_bias), qmatmul(x, u, up_bias))
+    return qmatmul(h, down, down_bias, backend)

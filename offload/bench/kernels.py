@@ -1,0 +1,149 @@
+"""Kernel benchmark: quantization error vs hqq, CPU batch-1 GEMV speed, effective bits.
+
+Weights are rotated through >= 1 GB so the last-level cache cannot hold them; timings are
+medians of >= 5 passes in one process, next to the measured streaming-read bandwidth.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from offload.kernels import prepare, qmatmul
+from offload.quant import PRESETS, QuantizedTensor, hqq_reference, quantize
+from offload.quant.layout import padded_rows
+
+SHAPE = (4096, 14336)
+HQQ_SETTINGS = {2: 32, 3: 64, 4: 64}  # bits -> group size, as in the presets
+ROTATE_BYTES = 1 << 30
+
+
+def _median_ms(fn: Callable[[object], object], items: list, runs: int) -> float:
+    for it in items[:2]:
+        fn(it)
+    passes = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for it in items:
+            fn(it)
+        passes.append((time.perf_counter() - t) / len(items))
+    return statistics.median(passes) * 1e3
+
+
+def stream_bandwidth_gbs(nbytes: int, runs: int = 5) -> float:
+    """Streaming-read bandwidth: a sum over a tensor much larger than the cache."""
+    big = torch.ones(nbytes // 4)
+    ms = _median_ms(lambda t: t.sum(), [big], runs)
+    return nbytes / ms / 1e6
+
+
+def random_hqq(bits: int, group: int, shape: tuple[int, int]) -> QuantizedTensor:
+    """An HQQ weight with random codes/metadata: speed does not depend on the values."""
+    n, k = shape
+    tiles, groups = padded_rows(n) // 64, n * k // group
+    t = {"qweight": torch.randint(0, 256, (tiles, 2, k, 16) if bits == 4 else (tiles, k, 16), dtype=torch.uint8)}
+    if bits == 3:
+        t["qhigh"] = torch.randint(0, 256, (tiles, k, 8), dtype=torch.uint8)
+    for m in ("scale", "zero"):
+        t[f"{m}_q"] = torch.randint(0, 256, (groups,), dtype=torch.uint8)
+        t[f"{m}_affine"] = torch.rand(-(-groups // 128), 2) * 1e-3
+    return QuantizedTensor("hqq", shape, {"bits": bits, "group_size": group, "axis": 1, "meta_bits": 8,
+                                          "meta_group": 128}, t)
+
+
+def _copies(nbytes: int, rotate: int) -> int:
+    return max(2, -(-rotate // nbytes))
+
+
+def quality(shape: tuple[int, int]) -> dict:
+    torch.manual_seed(0)
+    w = torch.randn(*shape) * 0.02
+    rel = lambda a: float((a.float() - w).norm() / w.norm())  # noqa: E731
+    out = {}
+    for bits, g in HQQ_SETTINGS.items():
+        qt = quantize(w, bits, g)
+        ours, ref = rel(qt.dequantize(torch.float32)), rel(hqq_reference(w, bits, g))
+        out[f"hqq{bits}-g{g}"] = {"ours": ours, "hqq": ref, "ratio": ours / ref, "bits_per_param": qt.bits_per_param}
+    nf4 = quantize(w, 4, 64, fmt="nf4")
+    out["nf4-b64"] = {"ours": rel(nf4.dequantize(torch.float32)), "bits_per_param": nf4.bits_per_param}
+    return out
+
+
+def speed(shape: tuple[int, int], rotate: int, runs: int) -> dict:
+    n, k = shape
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    res: dict[str, dict] = {}
+
+    def record(name: str, fn, items, bytes_each: int, stored_each: int) -> None:
+        ms = _median_ms(fn, items, runs)
+        res[name] = {"ms": ms, "copies": len(items), "bytes_read": bytes_each, "stored_bytes": stored_each,
+                     "gbs": bytes_each / ms / 1e6}
+
+    dense = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(_copies(n * k * 2, rotate))]
+    record("dense-bf16", lambda w: x @ w.t(), dense, n * k * 2, n * k * 2)
+    del dense
+    nf4_one = quantize(torch.randn(n, k), 4, 64, fmt="nf4")
+    nf4 = [QuantizedTensor(nf4_one.fmt, nf4_one.shape, nf4_one.params,
+                           {a: b.clone() for a, b in nf4_one.tensors.items()})
+           for _ in range(_copies(nf4_one.nbytes, rotate))]
+    record("bnb-nf4", lambda q: qmatmul(x, q), nf4, nf4_one.nbytes, nf4_one.nbytes)
+    del nf4
+    for bits, g in HQQ_SETTINGS.items():
+        stored = random_hqq(bits, g, shape)
+        t = time.perf_counter()
+        prepared = [prepare(random_hqq(bits, g, shape)) for _ in range(2)]
+        prep_ms = (time.perf_counter() - t) / 2 * 1e3
+        read = prepared[0].packed.numel() + prepared[0].scale_zeros.numel() * 2
+        prepared += [prepare(random_hqq(bits, g, shape)) for _ in range(_copies(read, rotate) - 2)]
+        record(f"ours-hqq{bits}-g{g}", lambda p: p.matmul(x), prepared, read, stored.nbytes)
+        res[f"ours-hqq{bits}-g{g}"]["prepare_ms"] = prep_ms
+        del prepared
+        raw = [random_hqq(bits, g, shape) for _ in range(_copies(stored.nbytes, rotate))]
+        record(f"ours-hqq{bits}-g{g}-unprepared", lambda q: qmatmul(x, q), raw, stored.nbytes, stored.nbytes)
+        del raw
+    return res
+
+
+def run(json_out: str | None = None, quick: bool = False) -> dict:
+    """Run the kernel benchmark; print a table; return (and optionally write) the JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    shape = (512, 1024) if quick else SHAPE
+    rotate, runs = (64 << 20, 3) if quick else (ROTATE_BYTES, 5)
+    result = {"shape": list(SHAPE), "quality_shape": list(shape), "threads": torch.get_num_threads(),
+              "stream_read_gbs": stream_bandwidth_gbs(4 * rotate if not quick else rotate),
+              "quality": quality(shape), "gemv": speed(SHAPE if not quick else (1024, 4096), rotate, runs),
+              "preset_bits_per_param": {name: {role: p.spec(role).bits_per_param(SHAPE)
+                                               for role in ("attention", "expert", "shared_expert", "dense_mlp")}
+                                        for name, p in PRESETS.items()}}
+    g = result["gemv"]
+    base = g["ours-hqq4-g64"]["ms"]
+    result["ratios"] = {"ours4_vs_nf4": base / g["bnb-nf4"]["ms"], "ours4_vs_dense": base / g["dense-bf16"]["ms"],
+                        "ours2_vs_ours4": g["ours-hqq2-g32"]["ms"] / base, "ours3_vs_ours4": g["ours-hqq3-g64"]["ms"] / base}
+    console = Console()
+    t = Table(title=f"Quantization error vs hqq ({shape[0]}x{shape[1]})")
+    for c in ("format", "ours", "hqq", "ours/hqq", "bits/param"):
+        t.add_column(c)
+    for name, q in result["quality"].items():
+        t.add_row(name, f"{q['ours']:.4f}", f"{q.get('hqq', float('nan')):.4f}", f"{q.get('ratio', float('nan')):.4f}",
+                  f"{q['bits_per_param']:.3f}")
+    console.print(t)
+    t = Table(title=f"CPU batch-1 GEMV {'x'.join(map(str, SHAPE if not quick else (1024, 4096)))}, "
+                    f"stream read {result['stream_read_gbs']:.1f} GB/s")
+    for c in ("kernel", "ms (median)", "GB/s read", "stored MB", "prepare ms", "copies"):
+        t.add_column(c)
+    for name, r in g.items():
+        t.add_row(name, f"{r['ms']:.2f}", f"{r['gbs']:.1f}", f"{r['stored_bytes'] / 1e6:.1f}",
+                  f"{r['prepare_ms']:.0f}" if "prepare_ms" in r else "", str(r["copies"]))
+    console.print(t)
+    console.print("ratios: " + json.dumps({k: round(v, 3) for k, v in result["ratios"].items()}))
+    for name, roles in result["preset_bits_per_param"].items():
+        console.print(f"preset {name}: " + ", ".join(f"{r} {b:.3f}" for r, b in roles.items()) + " bit/param")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
