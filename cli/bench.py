@@ -25,11 +25,36 @@ def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a
         tokens: int = typer.Option(32, min=2), runs: int = typer.Option(5, min=1),
         cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0),
         transformers: bool = typer.Option(True, help="Also time transformers on the same checkpoint."),
+        threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
         json_out: Path | None = typer.Option(None, "--json")) -> None:
     """Decode tok/s: resident vs offloaded (cache_fraction of the experts) vs transformers, CPU."""
+    import torch
+
     from offload.bench.e2e import run
 
+    if threads:
+        torch.set_num_threads(threads)
     run(model, tokens, runs, cache_fraction, transformers, json_out)
+
+
+@app.command()
+def quality(model: str = typer.Option("demo", help="A checkpoint with the demo tasks' chat format."),
+            n: int = typer.Option(200, min=1, help="Held-out tasks."),
+            json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Held-out exact match and perplexity per preset, resident and offloaded (Table 1 of the paper)."""
+    from offload.bench.quality import run
+
+    run(model, n, json_out)
+
+
+@app.command()
+def speculative(model: str = typer.Option("demo"), prompts: int = typer.Option(20, min=1),
+                max_new_tokens: int = typer.Option(48, min=2), draft_tokens: int = typer.Option(3, min=1),
+                runs: int = typer.Option(3, min=1), json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """MTP speculation: acceptance, tokens/forward, expert loads/token, tok/s with and without, resident and offloaded."""
+    from offload.bench.speculative import run
+
+    run(model, prompts, max_new_tokens, draft_tokens, runs, json_out)
 
 
 def main() -> None:

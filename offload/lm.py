@@ -70,7 +70,8 @@ class MoEModel:
 
     __call__ = forward
 
-    def _prompt_ids(self, prompt: str | Messages) -> torch.Tensor:
+    def prompt_ids(self, prompt: str | Messages) -> torch.Tensor:
+        """Token ids [1, T] of a text prompt, or of chat messages through the chat template."""
         tok = self.tokenizer
         if isinstance(prompt, str):
             ids = tok(prompt)["input_ids"]
@@ -107,7 +108,7 @@ class MoEModel:
             if max_new_tokens == 0:
                 return ids
             return collect_ids(ids, self._tokens(ids, mask, max_new_tokens, sampling, eos, draft), eos, pad)
-        ids = self._check_ids(self._prompt_ids(prompt))
+        ids = self._check_ids(self.prompt_ids(prompt))
         pieces = self._stream_text(ids, max_new_tokens, sampling, eos, [stop] if isinstance(stop, str) else stop,
                                    draft)
         return pieces if stream else "".join(pieces)
