@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+
 import typer
 
 EXIT_RUNTIME = 1  # typer/click already exit 2 on usage errors

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-
 from offload.quant.hqq import hqq_scale_zero
 from offload.quant.layout import TILE_N, pack_codes, unpack_codes
 from offload.quant.tensor import QuantizedTensor

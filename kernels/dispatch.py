@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-
 from offload.kernels.activations import ACTIVATIONS
 from offload.kernels.cpu import supports_int4pack, to_int4pack
 from offload.quant.nf4 import nf4_state

@@ -20,8 +20,9 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [(self.temperature >= 0, "temperature must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.top_k >= 0, "top_k must be >= 0"), (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        checks = [(self.temperature >= 0, "temperature must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (self.top_k >= 0, "top_k must be >= 0"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

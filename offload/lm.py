@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from .generate import Sampling, TextStream, collect_ids, token_loop
-from .model.mtp import MTPHead, mtp_weights
-from .speculative import SpecStats, speculative_loop
 from .model.decoder import Decoder
+from .model.mtp import MTPHead, mtp_weights
 from .spec import ModelSpec
+from .speculative import SpecStats, speculative_loop
 
 Messages = list[dict[str, str]]
 

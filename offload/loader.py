@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from offload.quant import QuantizedTensor
+
 from .archs import adapter_for
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
 from .spec import ModelSpec
-from offload.quant import QuantizedTensor
 
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(\w+)")
 FP32_ALWAYS = ("router.correction_bias",)  # selection-only bias: transformers keeps it in fp32 too

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from offload.quant.fp8 import dequantize_fp8_blocks
 from offload.quant.hqq import HQQ_BITS, HQQ_GROUPS, hqq_reference, quantize_hqq
 from offload.quant.mxfp4 import from_mxfp4

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from hqq.core.quantize import Quantizer
-
 from offload.quant.layout import pack_codes, unpack_codes
 from offload.quant.meta import dequantize_meta, quantize_meta
 from offload.quant.tensor import QuantizedTensor, register_format

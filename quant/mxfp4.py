@@ -6,7 +6,6 @@ scales uint8 [rows, cols/32]: E8M0, factor 2**(s - 127).
 from __future__ import annotations
 
 import torch
-
 from offload.quant.tensor import QuantizedTensor, register_format
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

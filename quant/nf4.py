@@ -1,9 +1,8 @@
 """NF4 via bitsandbytes (double-quantized absmax, as in QLoRA: ~4.13 bit/param)."""
 from __future__ import annotations
 
-import torch
 import bitsandbytes.functional as bnbf
-
+import torch
 from offload.quant.tensor import QuantizedTensor, register_format
 from offload.quant.validate import check_choice, check_weight
 

@@ -10,7 +10,6 @@ import struct
 from typing import Any, Mapping
 
 import torch
-
 from offload.quant.tensor import QuantizedTensor
 
 MAGIC = b"MOEXPB01"

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from offload.quant.hqq import quantize_hqq
 from offload.quant.layout import padded_rows
 from offload.quant.nf4 import quantize_nf4

@@ -7,7 +7,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from hf_tiny import ARCHS, save_tiny  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and never oversubscribes a busy machine

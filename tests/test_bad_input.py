@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_tiny import save_tiny
 from safetensors.torch import load_file, save_file
 
 import offload
-from hf_tiny import save_tiny
 from offload import CheckpointError, ModelFormatError
 
 INDEX = "model.safetensors.index.json"

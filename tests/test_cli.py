@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hf_tiny import save_tiny
 from tiny_tokenizer import VOCAB_SIZE, save_tokenizer
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from hf_tiny import save_tiny
 from tiny_tokenizer import VOCAB_SIZE, save_tokenizer
-from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import offload
 from offload.generate import Sampling, TextStream, next_tokens

@@ -1,7 +1,6 @@
 """CPU kernel path: qmatmul / expert_mlp vs x @ W_deq.T for every format."""
 import pytest
 import torch
-
 from offload.kernels import expert_mlp, gpt_oss_glu, prepare, qmatmul, swiglu
 from offload.kernels.cpu import Int4PackWeight
 from offload.quant import from_mxfp4, quantize

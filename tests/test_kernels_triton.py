@@ -5,7 +5,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from offload.kernels import expert_mlp, gpt_oss_glu, qmatmul, swiglu  # noqa: E402
 from offload.quant import from_mxfp4, quantize  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Sliding-window layers keep a ring of exactly `window` entries: memory constant in sequence length."""
 import pytest
 import torch
+from hf_tiny import save_tiny
 
 import offload
-from hf_tiny import save_tiny
 
 
 @pytest.mark.parametrize("arch", ["mimo_v2_flash", "gpt_oss"])

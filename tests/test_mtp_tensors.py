@@ -1,10 +1,10 @@
 """MiMo-V2-Flash MTP tensors (model.mtp.*) are loaded into the model; transformers ignores them."""
 import torch
+from hf_tiny import save_tiny
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import offload
-from hf_tiny import save_tiny
 
 
 def test_mtp_tensors_are_loaded(tmp_path):

@@ -3,11 +3,11 @@ holds the dequantized weights."""
 import json
 
 import torch
+from hf_tiny import make_hf_model
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import offload
-from hf_tiny import make_hf_model
 
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 

@@ -27,6 +27,7 @@ def test_cpu_misses_trace_and_auto_plan(tmp_path):
     """Fiddler-style CPU misses give the same tokens; the trace follows the shared schema; the planner
     sizes the cache from a memory budget."""
     from hf_tiny import save_tiny
+
     from offload.engine.trace import read_trace
 
     save_tiny("mixtral", tmp_path / "m")

@@ -5,9 +5,9 @@ import sys
 import textwrap
 
 import torch
+from hf_tiny import save_tiny
 
 import offload
-from hf_tiny import save_tiny
 
 
 def test_convert_then_load_is_identical(tmp_path):

@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 from offload.bench.cache_sim import app, run, simulate
 from offload.engine import policies
 from offload.engine.policies import (
-    POLICIES, LRUPolicy, belady_hit_rate, belady_misses, make_policy, register_policy,
+    POLICIES,
+    LRUPolicy,
+    belady_hit_rate,
+    belady_misses,
+    make_policy,
+    register_policy,
 )
 from offload.engine.trace import TraceRow, TraceWriter
 

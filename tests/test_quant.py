@@ -1,10 +1,20 @@
 """Quantization formats: error vs hqq, sizes, metadata, blobs, NF4/MXFP4/FP8 references, bad input."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-from offload.quant import (PRESETS, QuantizedTensor, dequantize_fp8_blocks, from_mxfp4, get_preset,
-                           hqq_reference, pack_expert, quantize, read_index, unpack_expert)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from offload.quant import (
+    PRESETS,
+    QuantizedTensor,
+    dequantize_fp8_blocks,
+    from_mxfp4,
+    get_preset,
+    hqq_reference,
+    pack_expert,
+    quantize,
+    read_index,
+    unpack_expert,
+)
 from offload.quant.layout import pack_codes, unpack_codes
 from offload.quant.meta import dequantize_meta, quantize_meta
 

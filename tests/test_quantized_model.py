@@ -6,9 +6,9 @@ read from the context), because an untrained random model's top-2 logits are nea
 ~0.2 std, measured) and any perturbation flips them; trained models have margins like real ones."""
 import pytest
 import torch
+from offload.quant import QuantizedTensor
 
 import offload
-from offload.quant import QuantizedTensor
 
 # dims divisible by the presets' group sizes (64)
 SIZES = {"mixtral": {"intermediate_size": 128}, "qwen3_moe": {"moe_intermediate_size": 64},

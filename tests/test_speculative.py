@@ -2,10 +2,10 @@
 token-for-token the plain greedy output (resident and offloaded); sampling keeps the distribution."""
 import pytest
 import torch
+from hf_tiny import save_tiny
 from safetensors.torch import load_file, save_file
 
 import offload
-from hf_tiny import save_tiny
 
 
 def _mtp_tensors(state: dict, g: torch.Generator) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_tiny import save_tiny
 from safetensors.torch import save_file
 
 import offload
-from hf_tiny import save_tiny
 
 INDEX = "model.safetensors.index.json"
 

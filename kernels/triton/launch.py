@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import torch
 import triton
-
-from offload.quant.hqq import hqq_scale_zero
-from offload.quant.tensor import QuantizedTensor
 from offload.kernels.triton.qmm import ACT_GPT_OSS, ACT_NONE, ACT_SILU, INTERPRET, qmm_kernel
 from offload.kernels.triton.tiles import FMT_HQQ, FMT_MXFP4
+from offload.quant.hqq import hqq_scale_zero
+from offload.quant.tensor import QuantizedTensor
 
 GEMV_MAX_M = 8
 ACTIVATIONS = {"silu": ACT_SILU, "gpt_oss": ACT_GPT_OSS}

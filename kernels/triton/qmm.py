@@ -7,7 +7,6 @@ import os
 
 import triton
 import triton.language as tl
-
 from offload.kernels.triton.tiles import weight_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

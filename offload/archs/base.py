@@ -92,6 +92,15 @@ def eos_ids(config: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (eos,)
 
 
+def model_fields(config: dict, rms_norm_eps: float) -> dict:
+    """The ModelSpec fields every architecture reads the same way."""
+    return dict(model_type=config["model_type"], vocab_size=need(config, "vocab_size"),
+                hidden_size=need(config, "hidden_size"), rms_norm_eps=config.get("rms_norm_eps", rms_norm_eps),
+                tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
+                eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
+                max_position_embeddings=config.get("max_position_embeddings", 4096))
+
+
 @dataclass
 class Renamer:
     """Maps checkpoint names to canonical names with regexes on the layer-local suffix."""

@@ -12,8 +12,19 @@ import torch
 from offload.quant import from_mxfp4
 
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
-from .base import (COMMON_LAYER_RENAMES, LAYER, Converted, ReadTensor, Renamer, eos_ids, head_dim_of, need,
-                   plain_attention, rope_params, rope_spec)
+from .base import (
+    COMMON_LAYER_RENAMES,
+    LAYER,
+    Converted,
+    ReadTensor,
+    Renamer,
+    head_dim_of,
+    model_fields,
+    need,
+    plain_attention,
+    rope_params,
+    rope_spec,
+)
 
 model_type = "gpt_oss"
 
@@ -27,16 +38,12 @@ def spec(config: dict) -> ModelSpec:
                                   window=config.get("sliding_window") if kind == "sliding_attention" else None)
             for kind in set(layer_types)}
     return ModelSpec(
-        model_type=model_type, vocab_size=need(config, "vocab_size"), hidden_size=need(config, "hidden_size"),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+        **model_fields(config, 1e-5),
         layers=tuple(LayerSpec(attn[kind], "moe") for kind in layer_types),
         router=RouterSpec(need(config, "num_local_experts"), need(config, "num_experts_per_tok"),
                           "softmax_topk_first", False, bias=True),
         expert=ExpertSpec(need(config, "intermediate_size"), "swiglu_clamp", bias=True,
                           alpha=config.get("swiglu_alpha", 1.702), limit=config.get("swiglu_limit", 7.0)),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
     )
 
 

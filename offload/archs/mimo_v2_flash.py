@@ -2,8 +2,17 @@
 partial rotary with a theta per layer type, scaled values, a sigmoid router whose correction bias only
 steers the selection, dense layers from mlp_layer_types, and MTP tensors under `model.mtp.*`."""
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
-from .base import (COMMON_LAYER_RENAMES, Converted, ReadTensor, Renamer, eos_ids, head_dim_of, need,
-                   plain_attention, rope_spec)
+from .base import (
+    COMMON_LAYER_RENAMES,
+    Converted,
+    ReadTensor,
+    Renamer,
+    head_dim_of,
+    model_fields,
+    need,
+    plain_attention,
+    rope_spec,
+)
 
 model_type = "mimo_v2_flash"
 
@@ -25,8 +34,7 @@ def spec(config: dict) -> ModelSpec:
             window=config.get("sliding_window") if swa else None, sinks=swa,
             value_scale=1.0 if value_scale is None else value_scale)
     return ModelSpec(
-        model_type=model_type, vocab_size=need(config, "vocab_size"), hidden_size=need(config, "hidden_size"),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+        **model_fields(config, 1e-5),
         layers=tuple(LayerSpec(attn[kind], "moe" if mlp == "sparse" else "dense", need(config, "intermediate_size"))
                      for kind, mlp in zip(layer_types, mlp_types)),
         router=RouterSpec(need(config, "n_routed_experts"), need(config, "num_experts_per_tok"), "sigmoid",
@@ -34,9 +42,6 @@ def spec(config: dict) -> ModelSpec:
                           scaling_factor=config.get("routed_scaling_factor") or 1.0, correction_bias=True,
                           n_group=config.get("n_group") or 1, topk_group=config.get("topk_group") or 1),
         expert=ExpertSpec(need(config, "moe_intermediate_size")),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
     )
 
 

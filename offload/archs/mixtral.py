@@ -1,6 +1,16 @@
 """Mixtral: softmax router over all experts, top-k renormalised, optional sliding window everywhere."""
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
-from .base import COMMON_LAYER_RENAMES, Renamer, eos_ids, head_dim_of, need, plain_attention, renaming_converter, rope_params, rope_spec
+from .base import (
+    COMMON_LAYER_RENAMES,
+    Renamer,
+    head_dim_of,
+    model_fields,
+    need,
+    plain_attention,
+    renaming_converter,
+    rope_params,
+    rope_spec,
+)
 
 model_type = "mixtral"
 
@@ -9,14 +19,10 @@ def spec(config: dict) -> ModelSpec:
     attn = plain_attention(config, rope_spec(rope_params(config, 1e6), head_dim_of(config)),
                            window=config.get("sliding_window"))
     return ModelSpec(
-        model_type=model_type, vocab_size=need(config, "vocab_size"), hidden_size=need(config, "hidden_size"),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+        **model_fields(config, 1e-5),
         layers=tuple(LayerSpec(attn, "moe") for _ in range(need(config, "num_hidden_layers"))),
         router=RouterSpec(need(config, "num_local_experts"), need(config, "num_experts_per_tok"), "softmax", True),
         expert=ExpertSpec(need(config, "intermediate_size")),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
     )
 
 

@@ -1,6 +1,6 @@
 """OLMoE: q/k RMSNorm over the whole projection (not per head), optional clip_qkv, no sliding window."""
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
-from .base import Renamer, eos_ids, head_dim_of, need, plain_attention, renaming_converter, rope_params, rope_spec
+from .base import Renamer, head_dim_of, model_fields, need, plain_attention, renaming_converter, rope_params, rope_spec
 
 model_type = "olmoe"
 
@@ -9,15 +9,11 @@ def spec(config: dict) -> ModelSpec:
     attn = plain_attention(config, rope_spec(rope_params(config, 1e4), head_dim_of(config)),
                            qk_norm="full", clip_qkv=config.get("clip_qkv"))
     return ModelSpec(
-        model_type=model_type, vocab_size=need(config, "vocab_size"), hidden_size=need(config, "hidden_size"),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+        **model_fields(config, 1e-5),
         layers=tuple(LayerSpec(attn, "moe") for _ in range(need(config, "num_hidden_layers"))),
-        router=RouterSpec(need(config, "num_experts", "num_local_experts"), need(config, "num_experts_per_tok"), "softmax",
-                          bool(config.get("norm_topk_prob", False))),
+        router=RouterSpec(need(config, "num_experts", "num_local_experts"), need(config, "num_experts_per_tok"),
+                          "softmax", bool(config.get("norm_topk_prob", False))),
         expert=ExpertSpec(need(config, "intermediate_size")),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
     )
 
 

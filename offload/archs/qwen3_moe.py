@@ -1,6 +1,6 @@
 """Qwen3-MoE: per-head q/k RMSNorm, optional dense layers (mlp_only_layers, decoder_sparse_step)."""
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
-from .base import Renamer, eos_ids, head_dim_of, need, plain_attention, renaming_converter, rope_params, rope_spec
+from .base import Renamer, head_dim_of, model_fields, need, plain_attention, renaming_converter, rope_params, rope_spec
 
 model_type = "qwen3_moe"
 
@@ -17,16 +17,12 @@ def spec(config: dict) -> ModelSpec:
         return "moe" if i not in dense_layers and num_experts > 0 and (i + 1) % step == 0 else "dense"
 
     return ModelSpec(
-        model_type=model_type, vocab_size=need(config, "vocab_size"), hidden_size=need(config, "hidden_size"),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        **model_fields(config, 1e-6),
         layers=tuple(LayerSpec(attn, mlp_kind(i), config.get("intermediate_size", 0))
                      for i in range(need(config, "num_hidden_layers"))),
         router=RouterSpec(num_experts, need(config, "num_experts_per_tok"), "softmax",
                           bool(config.get("norm_topk_prob", False))),
         expert=ExpertSpec(need(config, "moe_intermediate_size")),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
     )
 
 

@@ -89,18 +89,20 @@ def run(path: Path | None = None, tokens: int = 32, runs: int = 5, cache_fractio
     path = make_checkpoint(path or DEFAULT_DIR)
     prompt = torch.randint(1, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
     results: dict[str, dict] = {}
-    resident = offload.load(path, device="cpu")
-    experts = resident.spec.router.num_experts
-    k = max(1, round(cache_fraction * experts))
-    results["resident"] = {"tok_s": _decode_tok_s(lambda p, n: resident.generate(p, max_new_tokens=n), prompt,
-                                                  tokens, runs)}
-    del resident
-    for label, miss in (("offloaded-cpu-miss", "auto"), ("offloaded-load-miss", "load")):
-        model = offload.load(path, device="cpu", cache_experts=k, prefetch=1, miss_policy=miss)
-        rate = _decode_tok_s(lambda p, n: model.generate(p, max_new_tokens=n), prompt, tokens, runs)
-        stats = model.stats()
-        results[label] = {"tok_s": rate, "cache_experts": k, "hit_rate": stats["hit_rate"],
-                          "prediction_recall": stats["prediction_recall"]}
+    setups = [("resident", {}), ("offloaded-cpu-miss", {"miss_policy": "auto"}),
+              ("offloaded-load-miss", {"miss_policy": "load"})]
+    k = 0
+    for label, kw in setups:
+        if kw:
+            kw |= {"cache_experts": k, "prefetch": 1}
+        model = offload.load(path, device="cpu", **kw)
+        k = k or max(1, round(cache_fraction * model.spec.router.num_experts))
+        results[label] = {"tok_s": _decode_tok_s(lambda p, n, m=model: m.generate(p, max_new_tokens=n), prompt,
+                                                 tokens, runs)}
+        if kw:
+            stats = model.stats()
+            results[label] |= {"cache_experts": k, "hit_rate": stats["hit_rate"],
+                               "prediction_recall": stats["prediction_recall"]}
         del model
     if with_transformers:
         from transformers import AutoModelForCausalLM
