@@ -20,13 +20,25 @@ def chat(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     top_k: int = typer.Option(0, min=0),
     seed: int | None = typer.Option(None),
-    device: str = typer.Option("cpu", help="cpu, cuda, or auto."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when available)."),
+    quant: str | None = typer.Option(None, help="Quantization preset: a4e2, a4e3, a4e4, nf4 or none."),
+    cache_experts: str | None = typer.Option(None, "--cache-experts", help="Expert slots per MoE layer, or "
+                                             "'auto' (the planner); default: every expert resident."),
+    prefetch: int = typer.Option(1, min=0, help="Later MoE layers whose experts are prefetched."),
+    speculative: bool = typer.Option(False, "--mtp", help="MTP speculative decoding (MiMo-V2-Flash)."),
+    show_plan: bool = typer.Option(False, "--plan", help="Print the offload plan (with --cache-experts auto)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     import offload
 
-    lm = offload.load(model, device=device)
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    cache = cache_experts if cache_experts in (None, "auto") else _positive_int(cache_experts)
+    lm = offload.load(model, device=device, quant=quant, cache_experts=cache, prefetch=prefetch)
+    if show_plan:
+        if lm.plan is None:
+            raise typer.BadParameter("--plan needs --cache-experts auto (the planner makes the plan)")
+        console.print(lm.plan.explain())
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                   speculative="mtp" if speculative else None)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         _answer(lm, history + [{"role": "user", "content": prompt}], options)
@@ -47,6 +59,12 @@ def chat(
         if text.strip():
             history.append({"role": "user", "content": text})
             history.append({"role": "assistant", "content": _answer(lm, history, options, label="model> ")})
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise typer.BadParameter(f"--cache-experts must be 'auto' or an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _answer(lm, messages: list[dict], options: dict, label: str = "") -> str:

@@ -29,13 +29,14 @@ def _device(device: str | torch.device) -> torch.device:
 def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
          cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
          miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
-         context: int = 4096, quant: str | None = None) -> MoEModel:
+         context: int = 4096, quant: str | None = None, memory_budget: int | None = None) -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
     cache_experts: None keeps every expert on the compute device; an int k keeps the experts in host
     memory with k device slots per MoE layer; "auto" lets the planner size the slots from free memory
-    (its table: `model.plan.explain()`). prefetch: later MoE layers whose experts are predicted and
+    (its table: `model.plan.explain()`), within `memory_budget` bytes of device memory when given (a global
+    budget instead of whatever is free). prefetch: later MoE layers whose experts are predicted and
     copied ahead; policy: eviction policy (offload.engine.policies.POLICIES); miss_policy: "load" a
     missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
     (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
@@ -70,7 +71,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
         resident = None  # the host store holds the experts now
         if cache_experts == "auto":
             model_plan = plan(spec, sum(t.nbytes for t in dense.values()), store.blob_bytes, dev, dtype.itemsize,
-                              context)
+                              context, free_device=memory_budget)
             cache_experts = model_plan.slots_per_layer
             placement = model_plan.placement if placement == "auto" else placement
         if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:

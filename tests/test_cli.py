@@ -67,3 +67,13 @@ def test_cache_sim_bench(tmp_path):
     report = json.loads(result.stdout)
     text = json.dumps(report)
     assert "lru" in text and "belady" in text
+
+
+def test_offloaded_chat_with_plan(chat_model):
+    result = run("offload-chat", "--model", str(chat_model), "-p", "hello", "-n", "6", "--device", "cpu",
+                 "--cache-experts", "auto", "--plan")
+    assert result.returncode == 0, result.stderr
+    assert "expert slots per MoE layer" in result.stdout
+    plain = run("offload-chat", "--model", str(chat_model), "-p", "hello", "-n", "6")
+    assert result.stdout.rstrip("\n").endswith(plain.stdout.rstrip("\n"))
+    assert run("offload-chat", "--model", str(chat_model), "--cache-experts", "zero", "-p", "x").returncode == 2

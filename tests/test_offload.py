@@ -50,3 +50,22 @@ def test_cpu_misses_trace_and_auto_plan(tmp_path):
              context=512, free_device=int(room / 0.9) + 1, host_available=10**9)
     assert p.slots_per_layer == 2 and p.placement == "inclusive"
     assert "expert slots per MoE layer" in p.explain()
+
+
+def test_global_memory_budget_sizes_the_cache(tmp_path):
+    from hf_tiny import save_tiny
+    from offload.engine.planner import kv_bytes
+
+    save_tiny("olmoe", tmp_path)
+    probe = offload.load(tmp_path, cache_experts=1)
+    blob = probe.decoder.experts.store.blob_bytes
+    dense = sum(t.nbytes for layer in probe.decoder.layers for part in layer.values()
+                for t in (part.values() if isinstance(part, dict) else [part]))
+    dense += sum(t.nbytes for t in (probe.decoder.embed, probe.decoder.norm, probe.decoder.lm_head))
+    layers = len(probe.spec.moe_layers)
+    budget = int((dense + kv_bytes(probe.spec, 4096, 4) + 3 * layers * blob + blob // 2) / 0.9) + 1
+    model = offload.load(tmp_path, cache_experts="auto", memory_budget=budget)
+    assert model.plan.slots_per_layer == 3
+    assert model.decoder.experts.slots[0].capacity == 3
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(ids, max_new_tokens=6), offload.load(tmp_path).generate(ids, max_new_tokens=6))
