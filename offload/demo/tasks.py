@@ -1,0 +1,198 @@
+"""Verifiable reasoning tasks for the bundled demo model (offload/demo).
+
+Every task is a chat turn: a short user question and one exact assistant reply that a user can check by
+hand. The reply restates the arithmetic it does ("34 + 93 = 127"), so the last number of a reply is its
+answer. Generation is deterministic: `make_task(random.Random(seed))` always gives the same stream.
+
+Kinds (ranges kept small so a 6-layer model trained for ~40 minutes on one CPU core gets them right):
+    add      a + b, a and b in 0..99                         "What is 34 + 93?"         -> "34 + 93 = 127"
+    sub      a - b, 0 <= b <= a <= 99 (never negative)       "What is 93 - 34?"         -> "93 - 34 = 59"
+    mul      a * b, a in 2..9, b in 2..12 (either order)     "What is 7 * 12?"          -> "7 * 12 = 84"
+    compare  larger / smaller of two numbers in 0..999       "Which is larger, 482 or 428?" -> "482"
+    sort     3-4 numbers in 0..99, ascending or descending   "Sort ascending: 42, 7, 19" -> "7, 19, 42"
+    count    occurrences of a word in a list of 3-8 words     "How many times does apple appear in:
+             (0-5 times), or of a letter in a word spelled    pear apple plum apple?"   -> "2"
+             out with spaces ("b a n a n a")
+    word     one-step word problems: buys more / gives away (numbers 1..30), boxes of items (2..9 x 2..9),
+             sharing equally (exact division, quotient 1..9)
+                                                             "Tom has 5 apples and buys 3 more. How many
+                                                              apples does Tom have now?" -> "5 + 3 = 8"
+    chain    2-3 operations (add/subtract 1..20, multiply by 2 or 3) from a start in 1..20, every
+             intermediate in 0..60                           "Start with 7, add 5, then multiply by 2."
+                                                             -> "7 + 5 = 12, 12 * 2 = 24"
+
+`heldout(n)` is the evaluation split: tasks drawn from a fixed seed that the training stream never uses,
+and `is_heldout` lets a trainer drop any training question that collides with it.
+"""
+from __future__ import annotations
+
+import random
+
+KINDS = ("add", "sub", "mul", "compare", "sort", "count", "word", "chain")
+# Sampling weights: the carry-heavy arithmetic gets the most practice.
+WEIGHTS = (3, 3, 3, 1, 2, 2, 2, 2)
+HELDOUT_SEED = 20_240_917
+
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Max", "Eva", "Ben", "Ivy")
+ITEMS = ("apples", "pears", "books", "coins", "cards", "pens", "eggs", "stickers", "marbles", "cookies")
+WORDS = ("apple", "pear", "plum", "fig", "lime", "kiwi", "cat", "dog", "bird", "fish", "red", "blue")
+LETTER_WORDS = ("banana", "apple", "letter", "coffee", "pepper", "balloon", "mississippi", "committee",
+                "bookkeeper", "assessment", "cucumber", "strawberry", "raspberry", "parallel", "seventeen",
+                "tomorrow", "success", "address", "banner", "rabbit")
+
+
+def _num(rng: random.Random, max_digits: int) -> int:
+    """A number whose digit count is uniform in 1..max_digits (so short numbers are not rare)."""
+    d = rng.randint(1, max_digits)
+    return rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
+
+
+def _add(rng):
+    a, b = _num(rng, 2), _num(rng, 2)
+    return f"What is {a}+{b}?", f"{a}+{b}={a + b}"
+
+
+def _sub(rng):
+    a, b = _num(rng, 2), _num(rng, 2)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a}-{b}?", f"{a}-{b}={a - b}"
+
+
+def _mul(rng):
+    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    if rng.random() < 0.5:
+        return f"What is {a}*{b}?", f"{a}*{b}={a * b}"
+    return f"What is {b}*{a}?", f"{b}*{a}={a * b}"
+
+
+def _compare(rng):
+    a = _num(rng, 3)
+    b = a
+    while b == a:  # near misses (same digits, one changed or swapped) are the interesting cases
+        if rng.random() < 0.5:
+            digits = list(str(a))
+            i = rng.randrange(len(digits))
+            digits[i] = str(rng.randint(1 if i == 0 and len(digits) > 1 else 0, 9))
+            b = int("".join(digits))
+        else:
+            b = _num(rng, 3)
+    if rng.random() < 0.5:
+        return f"Which is larger, {a} or {b}?", str(max(a, b))
+    return f"Which is smaller, {a} or {b}?", str(min(a, b))
+
+
+def _sort(rng):
+    xs = [rng.randint(0, 99) for _ in range(rng.randint(3, 4))]
+    if rng.random() < 0.5:
+        return "Sort ascending: " + ", ".join(map(str, xs)), ", ".join(map(str, sorted(xs)))
+    return "Sort descending: " + ", ".join(map(str, xs)), ", ".join(map(str, sorted(xs, reverse=True)))
+
+
+def _count(rng):
+    if rng.random() < 0.5:
+        target = rng.choice(WORDS)
+        n = rng.randint(3, 8)
+        k = rng.randint(0, min(5, n))
+        others = [w for w in WORDS if w != target]
+        xs = [target] * k + [rng.choice(others) for _ in range(n - k)]
+        rng.shuffle(xs)
+        return f"How many times does {target} appear in: {' '.join(xs)}?", str(k)
+    word = rng.choice(LETTER_WORDS)
+    letter = rng.choice(sorted(set(word)) + ["z", "x"] if rng.random() < 0.1 else sorted(set(word)))
+    return f"How many times does the letter {letter} appear in {' '.join(word)}?", str(word.count(letter))
+
+
+def _word(rng):
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    op = rng.choice("+-*/")
+    if op == "+":
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+        return q, f"{a}+{b}={a + b}"
+    if op == "-":
+        a = rng.randint(2, 30)
+        b = rng.randint(1, a)
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+        return q, f"{a}-{b}={a - b}"
+    if op == "*":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q = f"{name} has {a} boxes with {b} {item} in each box. How many {item} is that in total?"
+        return q, f"{a}*{b}={a * b}"
+    b, c = rng.randint(2, 9), rng.randint(1, 9)
+    a = b * c
+    q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
+    return q, f"{a}/{b}={c}"
+
+
+def _chain(rng):
+    while True:
+        x = start = rng.randint(1, 20)
+        words, steps = [], []
+        for _ in range(rng.randint(2, 3)):
+            op = rng.choice("+-*")
+            b = rng.randint(2, 3) if op == "*" else rng.randint(1, 20)
+            y = x + b if op == "+" else x - b if op == "-" else x * b
+            if not 0 <= y <= 60:
+                break
+            words.append({"+": f"add {b}", "-": f"subtract {b}", "*": f"multiply by {b}"}[op])
+            steps.append(f"{x}{op}{b}={y}")
+            x = y
+        else:
+            return f"Start with {start}, " + ", then ".join(words) + ".", ", ".join(steps)
+
+
+_MAKERS = {"add": _add, "sub": _sub, "mul": _mul, "compare": _compare, "sort": _sort, "count": _count,
+           "word": _word, "chain": _chain}
+
+
+def make_task(rng: random.Random, kind: str | None = None) -> tuple[str, str]:
+    """One (question, answer) pair; `kind` picks a task family, else one is drawn by WEIGHTS."""
+    kind = kind or rng.choices(KINDS, WEIGHTS)[0]
+    return _MAKERS[kind](rng)
+
+
+def make_tasks(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """n (kind, question, answer) triples."""
+    out = []
+    for _ in range(n):
+        kind = rng.choices(KINDS, WEIGHTS)[0]
+        out.append((kind, *_MAKERS[kind](rng)))
+    return out
+
+
+def heldout(n: int = 500, seed: int = HELDOUT_SEED) -> list[tuple[str, str, str]]:
+    """The evaluation split: n (kind, question, answer) triples with distinct questions, from a fixed seed
+    that training never draws from (trainers also drop any question found here, see `is_heldout`)."""
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        kind, q, a = make_tasks(rng, 1)[0]
+        if q not in seen:
+            seen.add(q)
+            out.append((kind, q, a))
+    return out
+
+
+_HELDOUT_QUESTIONS: set[str] | None = None
+
+
+def is_heldout(question: str, n: int = 2000) -> bool:
+    """Whether `question` is one of the first n held-out questions (so a trainer can skip it)."""
+    global _HELDOUT_QUESTIONS
+    if _HELDOUT_QUESTIONS is None:
+        _HELDOUT_QUESTIONS = {q for _, q, _ in heldout(n)}
+    return question in _HELDOUT_QUESTIONS
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match of the whole reply after collapsing whitespace."""
+    return normalize(prediction) == normalize(answer)
+
+
+def final_answer(reply: str) -> str:
+    """The checkable answer of a reply: the text after the last '=', or the whole reply (compare, sort,
+    count)."""
+    return normalize(reply.rsplit("=", 1)[-1])
