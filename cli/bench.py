@@ -51,10 +51,20 @@ def quality(model: str = typer.Option("demo", help="A checkpoint with the demo t
 def speculative(model: str = typer.Option("demo"), prompts: int = typer.Option(20, min=1),
                 max_new_tokens: int = typer.Option(48, min=2), draft_tokens: int = typer.Option(3, min=1),
                 runs: int = typer.Option(3, min=1), json_out: Path | None = typer.Option(None, "--json")) -> None:
-    """MTP speculation: acceptance, tokens/forward, expert loads/token, tok/s with and without, resident and offloaded."""
+    """MTP speculation: acceptance, tokens/forward, expert loads/token, tok/s with and without speculation."""
     from offload.bench.speculative import run
 
     run(model, prompts, max_new_tokens, draft_tokens, runs, json_out)
+
+
+@app.command()
+def routing(model: str = typer.Option("demo"), prompts: int = typer.Option(50, min=1),
+            capacity: int = typer.Option(4, min=1), trace: Path = typer.Option(Path("demo-routing.jsonl")),
+            json_out: bool = typer.Option(False, "--json")) -> None:
+    """Record a routing trace on a trained model; prediction recall; replay it through every cache policy."""
+    from offload.bench.routing import run
+
+    run(model, prompts, capacity, trace=trace, json_out=json_out)
 
 
 def main() -> None:
