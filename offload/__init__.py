@@ -77,7 +77,8 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
         if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
             raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
         experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
-                                   policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive")
+                                   policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive",
+                                   spec.router.top_k)
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
                       prefetch=prefetch if offloaded else 0)
     if record_trace is not None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import OffloadError
+from ..quantize import prepared
 from .cache import LayerSlots
 from .copier import make_copier
 from .planner import measure_bandwidth
@@ -23,12 +24,13 @@ class OffloadedExperts:
     written back to the host, a loaded one leaves it."""
 
     def __init__(self, store: HostStore, moe_layers: list[int], capacity: int, device: torch.device,
-                 policy: str = "lru", miss_policy: str = "load", placement: str = "inclusive") -> None:
+                 policy: str = "lru", miss_policy: str = "load", placement: str = "inclusive",
+                 top_k: int = 0) -> None:
         if placement not in ("inclusive", "exclusive"):
             raise ValueError(f"placement must be 'inclusive' or 'exclusive', got {placement!r}")
         if miss_policy not in ("load", "cpu", "auto"):
             raise ValueError(f"miss_policy must be 'load', 'cpu' or 'auto', got {miss_policy!r}")
-        self.store, self.device = store, device
+        self.store, self.device, self.top_k = store, device, top_k
         self.miss_policy = miss_policy
         self.host_bandwidth = self.copy_bandwidth = 0.0  # measured on first use by the "auto" cost model
         self.copier = make_copier(device)
@@ -36,6 +38,7 @@ class OffloadedExperts:
         self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
                        for layer in moe_layers}
         self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
+        self.ready: dict[tuple[int, int], ExpertWeights] = {}  # (layer, slot) -> compute-ready weights
         self.prefetched: set[tuple[int, int]] = set()  # loaded ahead and not used yet
         self.predicted: dict[int, set[int]] = {}
         self.counters = EngineStats()
@@ -54,7 +57,10 @@ class OffloadedExperts:
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
         slots, stats = self.slots[layer], self.counters.layers[layer]
         on_host = {e for e, n in zip(experts, tokens) if e not in slots.slot_of and self._compute_on_host(n)}
-        self._score_prediction(layer, experts)
+        if sum(tokens) == self.top_k:  # one token: score the prediction made for it (recall per decoded token)
+            self._score_prediction(layer, experts)
+        else:
+            self.predicted.pop(layer, None)
         order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]
         slots.observe(order, sorted(weights, reverse=True))
         hits = [e for e in experts if e in slots.slot_of]
@@ -125,6 +131,7 @@ class OffloadedExperts:
     def _copy_in(self, layer: int, expert: int, slot: int, evicted: int | None) -> None:
         blob = self.store.blobs[layer, expert]
         dst = self.memory[layer][slot, : blob.numel()]
+        self.ready.pop((layer, slot), None)
         if evicted is not None:
             self.pending.pop((layer, evicted), None)
             if (layer, evicted) in self.prefetched:
@@ -151,7 +158,10 @@ class OffloadedExperts:
             self.counters.wait_seconds += time.perf_counter() - start
             if self.exclusive:
                 del self.store.blobs[layer, expert]  # it lives on the device now
-        return self.store.view(self.memory[layer][self.slots[layer].slot_of[expert]])
+        slot = self.slots[layer].slot_of[expert]
+        if (layer, slot) not in self.ready:  # quantized weights are converted to the kernel's form once per load
+            self.ready[layer, slot] = prepared(self.store.view(self.memory[layer][slot]))
+        return self.ready[layer, slot]
 
     def _score_prediction(self, layer: int, routed: list[int]) -> None:
         predicted = self.predicted.pop(layer, None)
