@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from offload.quant import dequantize_fp8_blocks
+
 from .errors import CheckpointError, ModelFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -137,6 +139,14 @@ class TensorStream:
             self._close_all()
 
     def read(self, name: str) -> torch.Tensor:
+        """One tensor as the model sees it: block-scaled FP8 weights (DeepSeek-V3 / MiMo-V2-Flash checkpoints,
+        `weight` in float8_e4m3fn + `weight_scale_inv` per 128x128 block) come back dequantized to fp32."""
+        tensor = self._raw(name)
+        if tensor.dtype == torch.float8_e4m3fn and name + "_scale_inv" in self._where:
+            return dequantize_fp8_blocks(tensor, self._raw(name + "_scale_inv"), dtype=torch.float32)
+        return tensor
+
+    def _raw(self, name: str) -> torch.Tensor:
         file = self._where.get(name)
         if file is None:
             raise CheckpointError(f"checkpoint has no tensor {name!r}; it is incomplete: re-download or re-save it")
