@@ -29,7 +29,8 @@ def _device(device: str | torch.device) -> torch.device:
 def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
          cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
          miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
-         context: int = 4096, quant: str | None = None, memory_budget: int | None = None) -> MoEModel:
+         context: int = 4096, quant: str | None = None, memory_budget: int | None = None,
+         predict_from: str = "attention") -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
@@ -37,8 +38,9 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     memory with k device slots per MoE layer; "auto" lets the planner size the slots from free memory
     (its table: `model.plan.explain()`), within `memory_budget` bytes of device memory when given (a global
     budget instead of whatever is free). prefetch: later MoE layers whose experts are predicted and
-    copied ahead; policy: eviction policy (offload.engine.policies.POLICIES); miss_policy: "load" a
-    missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
+    copied ahead (predicted from the state after a layer's attention, or with predict_from="output" from
+    its output: more accurate, less overlap); policy: eviction policy (offload.engine.policies.POLICIES);
+    miss_policy: "load" a missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
     (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
     smaller than the experts) or "auto" (the planner decides);
     record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
@@ -80,7 +82,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
                                    policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive",
                                    spec.router.top_k)
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
-                      prefetch=prefetch if offloaded else 0)
+                      prefetch=prefetch if offloaded else 0, predict_from=predict_from)
     if record_trace is not None:
         decoder.recorder = RoutingRecorder(record_trace)
     model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})

@@ -69,3 +69,14 @@ def test_global_memory_budget_sizes_the_cache(tmp_path):
     assert model.decoder.experts.slots[0].capacity == 3
     ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.generate(ids, max_new_tokens=6), offload.load(tmp_path).generate(ids, max_new_tokens=6))
+
+
+def test_prefetch_from_layer_output_changes_nothing(tmp_path):
+    from hf_tiny import save_tiny
+
+    save_tiny("mimo_v2_flash", tmp_path)
+    model = offload.load(tmp_path, cache_experts=2, predict_from="output")
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(model.generate(ids, max_new_tokens=16), offload.load(tmp_path).generate(ids, max_new_tokens=16))
+    stats = model.stats()
+    assert stats["prefetch_issued"] > 0 and stats["prefetch_used"] > 0 and stats["prediction_recall"] > 0

@@ -14,16 +14,19 @@ def run(model: str = "demo", prompts: int = 50, capacity: int = 4, max_new_token
     from offload.bench.cache_sim import run as replay
     from offload.demo import tasks
 
-    lm = offload.load(model, device="cpu", cache_experts=capacity, prefetch=1, record_trace=trace)
-    for _, question, _ in tasks.heldout(prompts):
-        lm.generate(lm.prompt_ids([{"role": "user", "content": question}]), max_new_tokens=max_new_tokens)
-    stats = lm.stats()
-    prediction = {"recall": stats["prediction_recall"], "precision": stats["prediction_precision"],
-                  "predicted_per_layer": lm.decoder.prefetch_count, "engine_hit_rate": stats["hit_rate"]}
-    if not json_out:
-        print(f"next-layer prediction ({prediction['predicted_per_layer']} experts/layer): recall "
-              f"{prediction['recall']:.3f}, precision {prediction['precision']:.3f}; engine hit rate "
-              f"{prediction['engine_hit_rate']:.3f} with {capacity} slots/layer and prefetch")
+    prediction = {}
+    for predict_from in ("attention", "output"):
+        lm = offload.load(model, device="cpu", cache_experts=capacity, prefetch=1, predict_from=predict_from,
+                          record_trace=trace if predict_from == "attention" else None)
+        for _, question, _ in tasks.heldout(prompts):
+            lm.generate(lm.prompt_ids([{"role": "user", "content": question}]), max_new_tokens=max_new_tokens)
+        stats = lm.stats()
+        prediction[predict_from] = {"recall": stats["prediction_recall"], "precision": stats["prediction_precision"],
+                                    "engine_hit_rate": stats["hit_rate"]}
+        if not json_out:
+            print(f"next-layer prediction from the {predict_from} state ({lm.decoder.prefetch_count} experts per "
+                  f"layer): recall {stats['prediction_recall']:.3f}, precision {stats['prediction_precision']:.3f};"
+                  f" engine hit rate {stats['hit_rate']:.3f} with {capacity} slots/layer")
     with torch.inference_mode():
         policies = replay([str(trace)], "all", capacity, json_out)
     return {"prediction": prediction, "policies": policies}

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import OffloadError
+from ..model.moe import top_experts
 from ..quantize import prepared
 from .cache import LayerSlots
 from .copier import make_copier
@@ -89,6 +90,13 @@ class OffloadedExperts:
             hits, batch = [], self._load(layer, missing, in_use)
             if not batch:
                 raise OffloadError(f"layer {layer}: no expert slot can be freed; raise cache_experts")
+
+    def prefetch(self, predictions: list[tuple[int, torch.Tensor]], count: int) -> None:
+        """Prefetch from expert scores of later layers (predict_from="output"): one host sync."""
+        if predictions:
+            table = torch.stack([scores for _, scores in predictions]).tolist()
+            for (layer, _), scores in zip(predictions, table):
+                self._prefetch(layer, top_experts(scores, count))
 
     def _compute_on_host(self, tokens: int) -> bool:
         """Fiddler-style: run a missed expert where its weights are instead of copying them. On a CPU

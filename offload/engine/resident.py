@@ -17,5 +17,8 @@ class ResidentExperts:
         for e in experts:
             yield e, self.experts[layer, e]
 
+    def prefetch(self, predictions: list, count: int) -> None:
+        """Nothing to prefetch: every expert is resident."""
+
     def stats(self) -> dict:
         return {"resident_experts": len(self.experts)}

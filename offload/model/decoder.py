@@ -22,11 +22,16 @@ def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 class Decoder:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], experts: ExpertProvider,
-                 device: torch.device, dtype: torch.dtype, prefetch: int = 0, prefetch_count: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype, prefetch: int = 0, prefetch_count: int = 0,
+                 predict_from: str = "attention") -> None:
         """prefetch: how many later MoE layers to predict from each layer's hidden state (0 = none);
-        prefetch_count: experts predicted per later layer (default: the router's top-k)."""
+        prefetch_count: experts predicted per later layer (default: the router's top-k); predict_from:
+        "attention" predicts from the state after a layer's attention (the copies overlap that layer's expert
+        compute), "output" from the layer's output (more accurate, less overlap, one more host sync)."""
+        if predict_from not in ("attention", "output"):
+            raise ValueError(f"predict_from must be 'attention' or 'output', got {predict_from!r}")
         self.spec, self.experts, self.device, self.dtype = spec, experts, device, dtype
-        self.prefetch = prefetch
+        self.prefetch, self.predict_from = prefetch, predict_from
         self.prefetch_count = prefetch_count or (spec.router.top_k if spec.router else 0)
         self.recorder = None  # an engine.recorder.RoutingRecorder when routing traces are recorded
         self.embed = weights["embed"]
@@ -64,8 +69,10 @@ class Decoder:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
                 if recording:
                     self.recorder.record(i, ids, weights)
-                h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, self._predict(h, i),
-                            self.prefetch_count)
+                early = self._predict(h, i) if self.predict_from == "attention" else []
+                h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
+            if self.prefetch and self.predict_from == "output":
+                self.experts.prefetch(self._predict(h, i), self.prefetch_count)
         cache.length += T
         return rms_norm(h, self.norm, spec.rms_norm_eps)
 

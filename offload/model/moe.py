@@ -79,7 +79,7 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
     table = rows.tolist()  # the single host sync of the layer
     hit = [i for i in range(r.num_experts) if table[0][i] > 0]
-    prefetch = [(later, _top(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
+    prefetch = [(later, top_experts(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
     outputs = {}
     for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], [int(table[0][i]) for i in hit],
                                       prefetch):
@@ -94,6 +94,7 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     return out.view_as(x)
 
 
-def _top(scores: list[float], n: int) -> list[int]:
+def top_experts(scores: list[float], n: int) -> list[int]:
+    """The n experts with the highest positive scores, best first."""
     ranked = sorted((i for i in range(len(scores)) if scores[i] > 0), key=lambda i: -scores[i])
     return ranked[:n]
