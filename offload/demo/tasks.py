@@ -1,13 +1,16 @@
 """Verifiable reasoning tasks for the bundled demo model (offload/demo).
 
 Every task is a chat turn: a short user question and one exact assistant reply that a user can check by
-hand. The reply restates the arithmetic it does ("34 + 93 = 127"), so the last number of a reply is its
+hand. The reply restates the arithmetic it does ("34+93=127"), so the last number of a reply is its
 answer. Generation is deterministic: `make_task(random.Random(seed))` always gives the same stream.
 
+Arithmetic is written without spaces around the operators: with one token per digit, "34 + 93" puts a
+bare space token before each number and copying the operands becomes a two-step lookup for a tiny model.
+
 Kinds (ranges kept small so a 6-layer model trained for ~40 minutes on one CPU core gets them right):
-    add      a + b, a and b in 0..99                         "What is 34 + 93?"         -> "34 + 93 = 127"
-    sub      a - b, 0 <= b <= a <= 99 (never negative)       "What is 93 - 34?"         -> "93 - 34 = 59"
-    mul      a * b, a in 2..9, b in 2..12 (either order)     "What is 7 * 12?"          -> "7 * 12 = 84"
+    add      a + b, a and b in 0..99                         "What is 34+93?"           -> "34+93=127"
+    sub      a - b, 0 <= b <= a <= 99 (never negative)       "What is 93-34?"           -> "93-34=59"
+    mul      a * b, a in 2..9, b in 2..12 (either order)     "What is 7*12?"            -> "7*12=84"
     compare  larger / smaller of two numbers in 0..999       "Which is larger, 482 or 428?" -> "482"
     sort     3-4 numbers in 0..99, ascending or descending   "Sort ascending: 42, 7, 19" -> "7, 19, 42"
     count    occurrences of a word in a list of 3-8 words     "How many times does apple appear in:
@@ -16,10 +19,10 @@ Kinds (ranges kept small so a 6-layer model trained for ~40 minutes on one CPU c
     word     one-step word problems: buys more / gives away (numbers 1..30), boxes of items (2..9 x 2..9),
              sharing equally (exact division, quotient 1..9)
                                                              "Tom has 5 apples and buys 3 more. How many
-                                                              apples does Tom have now?" -> "5 + 3 = 8"
+                                                              apples does Tom have now?" -> "5+3=8"
     chain    2-3 operations (add/subtract 1..20, multiply by 2 or 3) from a start in 1..20, every
              intermediate in 0..60                           "Start with 7, add 5, then multiply by 2."
-                                                             -> "7 + 5 = 12, 12 * 2 = 24"
+                                                             -> "7+5=12, 12*2=24"
 
 `heldout(n)` is the evaluation split: tasks drawn from a fixed seed that the training stream never uses,
 and `is_heldout` lets a trainer drop any training question that collides with it.
