@@ -11,7 +11,7 @@ from .generate import Sampling, TextStream, collect_ids, token_loop
 from .model.decoder import Decoder
 from .model.mtp import MTPHead, mtp_weights
 from .spec import ModelSpec
-from .speculative import SpecStats, speculative_loop
+from .speculative import DraftLength, SpecStats, speculative_loop
 
 Messages = list[dict[str, str]]
 
@@ -23,6 +23,7 @@ class MoEModel:
         self._tokenizer = None
         self._mtp_head: MTPHead | None = None
         self.spec_stats = SpecStats()
+        self._draft_length: DraftLength | None = None
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         eos = gen.get("eos_token_id", list(spec.eos_token_ids))
@@ -119,8 +120,10 @@ class MoEModel:
             return token_loop(self.decoder, ids, mask, max_new_tokens, sampling, eos)
         if mask is not None and not bool(mask.all()):
             raise ValueError("speculative decoding runs one unpadded sequence; drop attention_mask padding")
+        if self._draft_length is None or self._draft_length.max_k != draft:  # its estimates outlive one call
+            self._draft_length = DraftLength(draft)
         return speculative_loop(self.decoder, self.mtp_head, ids, max_new_tokens, sampling, eos, draft,
-                                self.spec_stats)
+                                self.spec_stats, self._draft_length)
 
     @property
     def mtp_head(self) -> MTPHead:

@@ -140,14 +140,21 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
         logits = decoder.logits(hv)[0]
         history = torch.cat((history, verify[:, :1]), 1)
         accepted, out = 0, None
-        for i, d in enumerate(drafts):
-            out = _accept(d, _distribution(logits[i], history, sampling), draft_probs[i], generator)
-            if out is not None:
-                break
-            accepted += 1
-            history = torch.cat((history, verify[:, i + 1:i + 2]), 1)
-        if out is None:  # every draft accepted: the verify step's last position gives a bonus token
-            out, _ = _draw(logits[accepted], history, sampling, generator)
+        if sampling.temperature == 0 and sampling.repetition_penalty == 1.0:  # plain greedy: one argmax
+            targets = logits.argmax(-1).tolist()
+            while accepted < k and targets[accepted] == drafts[accepted]:
+                accepted += 1
+            out = targets[accepted]
+            history = torch.cat((history, verify[:, 1:accepted + 1]), 1)
+        else:
+            for i, d in enumerate(drafts):
+                out = _accept(d, _distribution(logits[i], history, sampling), draft_probs[i], generator)
+                if out is not None:
+                    break
+                accepted += 1
+                history = torch.cat((history, verify[:, i + 1:i + 2]), 1)
+            if out is None:  # every draft accepted: the verify step's last position gives a bonus token
+                out, _ = _draw(logits[accepted], history, sampling, generator)
         stats.verify_steps += 1
         stats.drafted += k
         stats.accepted += accepted
