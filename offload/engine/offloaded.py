@@ -50,10 +50,6 @@ class OffloadedExperts:
                     self._copy_in(layer, expert, *self.slots[layer].admit(expert, protected=()))
             self.sync()
 
-    @property
-    def device_bytes(self) -> int:
-        return sum(m.numel() for m in self.memory.values())
-
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
         slots, stats = self.slots[layer], self.counters.layers[layer]

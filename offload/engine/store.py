@@ -40,10 +40,6 @@ class HostStore:
         blob = torch.empty(self.blob_bytes, dtype=torch.uint8)
         return _pin(blob) if self.pin else blob
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() for b in self.blobs.values())
-
     def view(self, blob: torch.Tensor) -> ExpertWeights:
         """The expert's tensors as views into `blob` (host blob or a device slot)."""
         return unpack_expert(blob, self.index)

@@ -74,7 +74,6 @@ class KVCache:
     def __init__(self, attention_specs: list[AttentionSpec], batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, slack: int = 0) -> None:
         self.layers = [LayerCache(a, batch, max_len, dtype, device, slack) for a in attention_specs]
-        self.max_len = max_len
         self.length = 0
 
     def truncate(self, length: int) -> None:
