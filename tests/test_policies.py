@@ -231,3 +231,33 @@ def test_cli_table_and_errors(tmp_path) -> None:
     assert "lru" in out.output and "belady" in out.output and "lfu" not in out.output
     out = runner.invoke(app, ["--trace", path, "--policy", "nope"])
     assert out.exit_code != 0 and "unknown eviction policy" in out.output
+
+
+def test_context_tells_apart_what_per_expert_transitions_average_away() -> None:
+    """After 3 then 1 comes 5; after 4 then 1 comes 6: from expert 1 alone both follow half the time."""
+    pattern = [(3,), (1,), (5,), (4,), (1,), (6,)] * 20
+    context = policies.warm(make_policy("context"), [pattern])
+    affinity = policies.warm(make_policy("affinity"), [pattern])
+    for before, keep, drop in (((3,), 5, 6), ((4,), 6, 5)):
+        for p in (context, affinity):
+            p.on_new_sequence()
+            p.observe_routing(0, before, [1.0])
+            p.observe_routing(1, (1,), [1.0])
+        assert context.choose_victim([keep, drop]) == drop
+    assert {affinity.choose_victim([5, 6]) for _ in range(2)} <= {5, 6}  # no information to tell them apart
+
+
+def test_profile_warms_policies_on_other_files_only(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a cycle of 5 experts through 4 slots: LRU always evicts the next one; a learned context need not
+    rows = lambda seq, n: [TraceRow(seq, t, 0, (t % 5 + 1,), (1.0,)) for t in range(n)]  # noqa: E731
+    a, b = write_trace(tmp_path / "a.jsonl", rows(0, 15)), write_trace(tmp_path / "b.jsonl", rows(1, 100))
+    cold = simulate(rows(0, 15), "context", 4)
+    warmed = simulate(rows(0, 15), "context", 4, profile_rows=rows(1, 100))
+    assert simulate(rows(0, 15), "lru", 4).hits == 0
+    assert warmed.hit_rate > cold.hit_rate
+    result = run([a, b], "context", 4, json_out=True, profile="others")
+    capsys.readouterr()
+    assert result["profile"] == "others"
+    assert result["files"][a]["context"]["hits"] == warmed.hits  # a is warmed on b, never on itself
+    with pytest.raises(ValueError, match="at least two"):
+        run([a], "context", 4, profile="others")

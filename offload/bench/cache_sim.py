@@ -4,10 +4,15 @@ Each (seq, layer) is its own cache of `capacity` slots, cold at the start of a s
 each selected expert of a router decision is one access; a miss always loads the
 expert (demand paging), evicting a resident that the same decision does not use when
 there is one. Belady's offline optimum is reported as the ceiling.
+
+By default every (seq, layer) also gets a fresh policy. With a profile (other trace
+files) each layer's policy first sees that routing (`policies.warm`), as an engine that
+has served earlier requests would have; the cache itself still starts cold.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -19,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offload.engine.policies import POLICIES, EvictionPolicy, belady_misses, make_policy
+from offload.engine.policies import POLICIES, EvictionPolicy, belady_misses, make_policy, warm
 from offload.engine.trace import TraceRow, read_trace
 
 BELADY = "belady"
@@ -70,17 +75,29 @@ def _replay(stream: Sequence[TraceRow], policy: EvictionPolicy, capacity: int) -
     return hits
 
 
-def simulate(trace_rows: Iterable[TraceRow], policy_name: str, capacity: int, **kw: Any) -> SimResult:
-    """Replay rows against `policy_name` (a registered policy or "belady")."""
+def _warmed(policy_name: str, profile_rows: Iterable[TraceRow], **kw: Any) -> dict[int, EvictionPolicy]:
+    """One policy per layer that has seen the profile's routing of that layer."""
+    by_layer: dict[int, list[list[list[int]]]] = defaultdict(list)
+    for (_, layer), stream in _streams(profile_rows).items():
+        by_layer[layer].append([row.experts for row in stream])
+    return {layer: warm(make_policy(policy_name, **kw), seqs) for layer, seqs in by_layer.items()}
+
+
+def simulate(trace_rows: Iterable[TraceRow], policy_name: str, capacity: int,
+             profile_rows: Iterable[TraceRow] | None = None, **kw: Any) -> SimResult:
+    """Replay rows against `policy_name` (a registered policy or "belady"); with `profile_rows`, every
+    (seq, layer) starts from a copy of that layer's policy warmed on the profile."""
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
+    warmed = _warmed(policy_name, profile_rows, **kw) if profile_rows is not None and policy_name != BELADY else {}
     per_layer: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
     for (_, layer), stream in _streams(trace_rows).items():
         accesses = sum(len(r.experts) for r in stream)
         if policy_name == BELADY:
             hits = accesses - belady_misses([e for r in stream for e in r.experts], capacity)
         else:
-            hits = _replay(stream, make_policy(policy_name, **kw), capacity)
+            policy = copy.deepcopy(warmed[layer]) if layer in warmed else make_policy(policy_name, **kw)
+            hits = _replay(stream, policy, capacity)
         h, m = per_layer[layer]
         per_layer[layer] = (h + hits, m + accesses - hits)
     per_layer = dict(sorted(per_layer.items()))
@@ -91,8 +108,11 @@ def _entry(hits: int, misses: int) -> dict[str, Any]:
     return {"hits": hits, "misses": misses, "hit_rate": round(hits / max(hits + misses, 1), 4)}
 
 
-def run(trace: list[str], policy: str, capacity: int, json_out: bool = False) -> dict:
+def run(trace: list[str], policy: str, capacity: int, json_out: bool = False, profile: str = "none") -> dict:
     """Hit rate of `policy` (or "all") and of Belady on each trace file and in total.
+
+    profile: "none" (fresh policies), "others" (each file's policies are warmed on all the OTHER trace
+    files given: leave-one-out, never on the file measured) or a path of a trace to warm on.
 
     Prints a table, or the returned dict as JSON when json_out is set:
     {"capacity": k, "files": {path: {policy: {hits, misses, hit_rate}}}, "total": {...}}.
@@ -103,17 +123,25 @@ def run(trace: list[str], policy: str, capacity: int, json_out: bool = False) ->
     if policy != "all":
         make_policy(policy)  # fail on an unknown name before reading any trace
     names.append(BELADY)
+    if profile == "others" and len(trace) < 2:
+        raise ValueError("--profile others needs at least two --trace files (each is warmed on the others)")
     files: dict[str, dict[str, Any]] = {}
     total: dict[str, list[int]] = {n: [0, 0] for n in names}
-    for path in trace:
-        rows = read_trace(path)
+    traces = {path: read_trace(path) for path in trace}
+    for path, rows in traces.items():
+        if profile == "none":
+            profile_rows = None
+        elif profile == "others":
+            profile_rows = [row for other, r in traces.items() if other != path for row in r]
+        else:
+            profile_rows = read_trace(profile)
         files[path] = {}
         for name in names:
-            r = simulate(rows, name, capacity)
+            r = simulate(rows, name, capacity, profile_rows)
             files[path][name] = _entry(r.hits, r.misses)
             total[name][0] += r.hits
             total[name][1] += r.misses
-    result = {"capacity": capacity, "files": files, "total": {n: _entry(*hm) for n, hm in total.items()}}
+    result = {"capacity": capacity, "profile": profile, "files": files, "total": {n: _entry(*hm) for n, hm in total.items()}}
     if json_out:
         print(json.dumps(result, indent=2))
     else:
@@ -122,7 +150,8 @@ def run(trace: list[str], policy: str, capacity: int, json_out: bool = False) ->
 
 
 def _print_table(result: dict) -> None:
-    table = Table(title=f"hit rate, {result['capacity']} slots/layer (belady: offline ceiling)")
+    warmed = "" if result["profile"] == "none" else f", policies warmed on {result['profile']}"
+    table = Table(title=f"hit rate, {result['capacity']} slots/layer{warmed} (belady: offline ceiling)")
     table.add_column("policy")
     columns = {Path(p).name: v for p, v in result["files"].items()}
     if len(columns) > 1:
@@ -144,10 +173,12 @@ def cache_sim(
     policy: str = typer.Option("all", "--policy", help=f"One of {', '.join(POLICIES)}, or all."),
     capacity: int = typer.Option(4, "--capacity", min=1, help="Expert slots per layer."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    profile: str = typer.Option("none", "--profile", help="Warm policies first: none, others (each file on the "
+                                "other --trace files) or a trace file path."),
 ) -> None:
     """Hit rate per policy with Belady's optimum as the ceiling."""
     try:
-        run([str(p) for p in trace], policy, capacity, json_out)
+        run([str(p) for p in trace], policy, capacity, json_out, profile)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 

@@ -5,6 +5,9 @@ drop when a missed expert must come in. The cache (engine or simulator) drives t
 policy through the hooks below; one policy instance serves one layer, so per-layer
 routing statistics stay separate. Register your own with `register_policy`.
 
+A policy that learns routing statistics can keep them across sequences: `on_new_sequence` marks a
+cold cache (a new sequence in a trace replay); per-sequence state is reset there, learned state kept.
+
 Call order per router decision (step) of the layer:
     observe_routing(step, experts, weights)           # the router's choice, best first
     for each selected expert e:
@@ -18,7 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 
@@ -31,6 +34,9 @@ class EvictionPolicy(ABC):
 
     def observe_routing(self, step: int, experts: Sequence[int], weights: Sequence[float]) -> None:
         """The router's selection for this step, before any of it is accessed."""
+
+    def on_new_sequence(self) -> None:
+        """The cache starts cold (a new sequence); steps restart from 0."""
 
     def on_access(self, expert: int, step: int) -> None:
         """`expert` is used at `step` (hit, or just inserted after a miss)."""
@@ -188,6 +194,82 @@ class AffinityPolicy(EvictionPolicy):
         return min(candidates, key=lambda e: (self._next_use(e), self._recency.stamp.get(e, 0)))
 
 
+class ContextPolicy(EvictionPolicy):
+    """Evict the expert least likely to be routed to within the next `horizon` steps, given the context.
+
+    The context is the layer's last two router decisions (the set chosen now and the set chosen before);
+    the estimate backs off from that pair of sets, to the current set alone, to each current expert's own
+    transitions, to the decayed routing share, each level pulled towards the next by pseudo-counts
+    (`prior`). Mixtral's routing depends on which experts were chosen *together*, which per-expert
+    transitions (AffinityPolicy) average away; pair-of-sets contexts are sparse, so the counts outlive a
+    sequence (`on_new_sequence` resets only the per-sequence state) and pay off once the layer has seen
+    a few hundred decisions, e.g. from earlier requests or a recorded trace (`warm`).
+    """
+
+    def __init__(self, horizon: int = 2, prior: float = 2.0, decay: float = 0.9) -> None:
+        if horizon < 1 or prior <= 0.0:
+            raise ValueError(f"need horizon >= 1 and prior > 0, got horizon={horizon}, prior={prior}")
+        self.horizon, self.prior, self.decay = horizon, prior, decay
+        self._hits: defaultdict[tuple, defaultdict[int, float]] = defaultdict(lambda: defaultdict(float))
+        self._seen: defaultdict[tuple, float] = defaultdict(float)
+        self.on_new_sequence()
+
+    def on_new_sequence(self) -> None:
+        self._freq = _DecayedCounts(self.decay)
+        self._recency = _Recency()
+        self._pending: list[tuple[list[tuple], set[int]]] = []  # contexts still collecting their future
+        self._current: tuple[int, ...] = ()
+        self._previous: tuple[int, ...] = ()
+        self._step = 0
+
+    @staticmethod
+    def _contexts(current: Sequence[int], previous: Sequence[int]) -> list[tuple]:
+        now = frozenset(current)
+        return [*(("expert", a) for a in current), ("set", now), ("pair", now, frozenset(previous))]
+
+    def observe_routing(self, step: int, experts: Sequence[int], weights: Sequence[float]) -> None:
+        for _, future in self._pending:
+            future.update(experts)
+        while len(self._pending) >= self.horizon:
+            contexts, future = self._pending.pop(0)
+            for c in contexts:
+                self._seen[c] += 1
+                for e in future:
+                    self._hits[c][e] += 1
+        self._previous, self._current, self._step = self._current, tuple(experts), step
+        self._pending.append((self._contexts(self._current, self._previous), set()))
+        for e in experts:
+            self._freq.add(e, step)
+
+    def on_access(self, expert: int, step: int) -> None:
+        self._recency.touch(expert)
+
+    def _estimate(self, context: tuple, expert: int, fallback: float) -> float:
+        return (self._hits[context][expert] + self.prior * fallback) / (self._seen[context] + self.prior)
+
+    def _next_use(self, expert: int) -> float:
+        share = self._freq.share(expert, self._step) * len(self._current)
+        if not self._current:
+            return share
+        *singles, whole, pair = self._contexts(self._current, self._previous)
+        single = sum(self._estimate(c, expert, share) for c in singles) / len(singles)
+        return self._estimate(pair, expert, self._estimate(whole, expert, single))
+
+    def choose_victim(self, candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda e: (self._next_use(e), self._recency.stamp.get(e, 0)))
+
+
+def warm(policy: EvictionPolicy, sequences: Iterable[Sequence[Sequence[int]]]) -> EvictionPolicy:
+    """Feed earlier routing of this layer (one list of router decisions per sequence) to `policy` as a
+    deployed engine would have seen it, then leave it ready for a cold cache. Returns the policy."""
+    for decisions in sequences:
+        policy.on_new_sequence()
+        for step, experts in enumerate(decisions):
+            policy.observe_routing(step, experts, [])
+    policy.on_new_sequence()
+    return policy
+
+
 _REGISTRY: dict[str, Callable[..., EvictionPolicy]] = {}
 POLICIES: list[str] = []
 """Names accepted by make_policy, in registration order."""
@@ -214,6 +296,7 @@ register_policy("lru", LRUPolicy)
 register_policy("lfu", LFUPolicy)
 register_policy("lfu-aging", LFUAgingPolicy)
 register_policy("affinity", AffinityPolicy)
+register_policy("context", ContextPolicy)
 
 
 def belady_misses(accesses: Sequence[int], capacity: int) -> int:
