@@ -16,7 +16,8 @@ shipped checkpoint: docs/demo_model.md):
     sort     3-4 numbers in 0..99, ascending or descending   "Sort ascending: 42, 7, 19" -> "7, 19, 42"
     count    occurrences of a word in a list of 3-8 words     "How many times does apple appear in:
              (0-5 times), or of a letter in a word spelled    pear apple plum apple?"   -> "2"
-             out with spaces ("b a n a n a")
+             out with spaces ("b a n a n a"; a real word or
+             a made-up one of 4-9 letters)
     word     one-step word problems: buys more / gives away (numbers 1..30), boxes of items (2..9 x 2..9),
              sharing equally (exact division, quotient 1..9)
                                                              "Tom has 5 apples and buys 3 more. How many
@@ -25,17 +26,23 @@ shipped checkpoint: docs/demo_model.md):
              intermediate in 0..60                           "Start with 7, add 5, then multiply by 2."
                                                              -> "7+5=12, 12*2=24"
 
-`heldout(n)` is the evaluation split: tasks drawn from a fixed seed that the training stream never uses,
-and `is_heldout` lets a trainer drop any training question that collides with it.
+The held-out split is a fixed tenth of every kind's question space, chosen by a hash of the question
+text (`is_heldout`): the trainer drops those questions, `heldout(n)` draws only those. A split by a hash
+(rather than "the first N evaluation questions") holds out the same share of small spaces (the times
+table, letter counts) and large ones (sums, sorts) instead of swallowing the small ones whole, so every
+kind is trained and every kind is tested on questions never seen.
 """
 from __future__ import annotations
 
 import random
+import string
+import zlib
 
 KINDS = ("add", "sub", "mul", "compare", "sort", "count", "word", "chain")
 # Sampling weights: the carry-heavy arithmetic gets the most practice.
 WEIGHTS = (3, 3, 3, 1, 2, 2, 2, 2)
 HELDOUT_SEED = 20_240_917
+HELDOUT_SHARE = 10  # one question in HELDOUT_SHARE is held out
 
 NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Max", "Eva", "Ben", "Ivy")
 ITEMS = ("apples", "pears", "books", "coins", "cards", "pens", "eggs", "stickers", "marbles", "cookies")
@@ -101,9 +108,16 @@ def _count(rng):
         xs = [target] * k + [rng.choice(others) for _ in range(n - k)]
         rng.shuffle(xs)
         return f"How many times does {target} appear in: {' '.join(xs)}?", str(k)
-    word = rng.choice(LETTER_WORDS)
+    word = rng.choice(LETTER_WORDS) if rng.random() < 0.5 else _letters(rng)
     letter = rng.choice(sorted(set(word)) + ["z", "x"] if rng.random() < 0.1 else sorted(set(word)))
     return f"How many times does the letter {letter} appear in {' '.join(word)}?", str(word.count(letter))
+
+
+def _letters(rng: random.Random) -> str:
+    """A made-up word of 4-9 letters over 3-5 distinct ones, so that letters repeat and counting, not
+    memorising a word list, is what answers the question."""
+    alphabet = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 9)))
 
 
 def _word(rng):
@@ -164,27 +178,21 @@ def make_tasks(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
     return out
 
 
+def is_heldout(question: str) -> bool:
+    """Whether `question` belongs to the held-out split (a fixed hash of its text)."""
+    return zlib.crc32(question.encode()) % HELDOUT_SHARE == 0
+
+
 def heldout(n: int = 500, seed: int = HELDOUT_SEED) -> list[tuple[str, str, str]]:
-    """The evaluation split: n (kind, question, answer) triples with distinct questions, from a fixed seed
-    that training never draws from (trainers also drop any question found here, see `is_heldout`)."""
+    """The evaluation split: n (kind, question, answer) triples with distinct held-out questions, drawn in
+    order from a fixed seed (a trainer drops every held-out question, so none of these is ever trained)."""
     rng, seen, out = random.Random(seed), set(), []
     while len(out) < n:
         kind, q, a = make_tasks(rng, 1)[0]
-        if q not in seen:
+        if is_heldout(q) and q not in seen:
             seen.add(q)
             out.append((kind, q, a))
     return out
-
-
-_HELDOUT_QUESTIONS: set[str] | None = None
-
-
-def is_heldout(question: str, n: int = 2000) -> bool:
-    """Whether `question` is one of the first n held-out questions (so a trainer can skip it)."""
-    global _HELDOUT_QUESTIONS
-    if _HELDOUT_QUESTIONS is None:
-        _HELDOUT_QUESTIONS = {q for _, q, _ in heldout(n)}
-    return question in _HELDOUT_QUESTIONS
 
 
 def normalize(text: str) -> str:
