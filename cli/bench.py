@@ -63,9 +63,9 @@ def quality(model: str = typer.Option("demo", help="A checkpoint with the demo t
 
 
 @app.command()
-def speculative(model: str = typer.Option("demo"), prompts: int = typer.Option(20, min=1),
+def speculative(model: str = typer.Option("demo"), prompts: int = typer.Option(50, min=1),
                 max_new_tokens: int = typer.Option(48, min=2), draft_tokens: int = typer.Option(3, min=1),
-                runs: int = typer.Option(3, min=1), json_out: Path | None = typer.Option(None, "--json")) -> None:
+                runs: int = typer.Option(5, min=1), json_out: Path | None = typer.Option(None, "--json")) -> None:
     """MTP speculation: acceptance, tokens/forward, expert loads/token, tok/s with and without speculation."""
     from offload.bench.speculative import run
 

@@ -114,6 +114,7 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
         positions = torch.arange(start, start + n, device=device)[None]
         return decoder.hidden_states(tokens, cache, positions, torch.ones(1, n, dtype=torch.bool, device=device))
 
+    greedy = sampling.temperature == 0 and sampling.repetition_penalty == 1.0  # argmax only, no warping
     hidden = run_main(input_ids)
     history = input_ids
     token, _ = _draw(decoder.logits(hidden[0, -1]), history, sampling, generator)
@@ -128,10 +129,13 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
         if k > 0:
             state, logits = mtp.step(pending_h, pending_ids, mtp_cache, pending_start)  # catch up, then draft
             for i in range(k):
-                d, q = _draw(logits[0, -1], torch.cat((history, history.new_tensor([[token, *drafts]])), 1),
-                             sampling, generator)
+                if greedy:
+                    d = int(logits[0, -1].argmax())
+                else:
+                    d, q = _draw(logits[0, -1], torch.cat((history, history.new_tensor([[token, *drafts]])), 1),
+                                 sampling, generator)
+                    draft_probs.append(q)
                 drafts.append(d)
-                draft_probs.append(q)
                 if i + 1 < k:
                     state, logits = mtp.step(state[:, -1:], history.new_tensor([[d]]), mtp_cache, last + 1 + i)
             mtp_cache.truncate(last + 1)  # chained drafts were tentative
@@ -140,7 +144,7 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
         logits = decoder.logits(hv)[0]
         history = torch.cat((history, verify[:, :1]), 1)
         accepted, out = 0, None
-        if sampling.temperature == 0 and sampling.repetition_penalty == 1.0:  # plain greedy: one argmax
+        if greedy:  # one argmax over the verified positions
             targets = logits.argmax(-1).tolist()
             while accepted < k and targets[accepted] == drafts[accepted]:
                 accepted += 1

@@ -3,30 +3,34 @@ decode tok/s with and without speculation, fully resident and with a quarter of 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 
-def _decode(lm, prompts: list[torch.Tensor], max_new_tokens: int, **kw) -> tuple[list[list[int]], float, int]:
-    """(generated ids per prompt, decode seconds, new tokens); prefill time is measured and excluded."""
+def _decode(lm, prompts: list[torch.Tensor], max_new_tokens: int, draft: int) -> tuple[list[list[int]], float, int]:
+    """(generated ids per prompt, decode seconds, decoded tokens): the clock starts when the first token
+    (the prefill's) is out, so prefill time is excluded exactly."""
+    from offload.generate import Sampling
+
     outputs, seconds, tokens = [], 0.0, 0
     for ids in prompts:
+        it = lm._tokens(ids, None, max_new_tokens, Sampling(), list(lm.eos_token_ids), draft)
+        first = int(next(it))
         t0 = time.perf_counter()
-        lm.generate(ids, max_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = lm.generate(ids, max_new_tokens=max_new_tokens, **kw)
-        t2 = time.perf_counter()
-        new = out.shape[1] - ids.shape[1]
-        seconds += max(0.0, (t2 - t1) - (t1 - t0))
-        tokens += new - 1
-        outputs.append(out[0, ids.shape[1]:].tolist())
+        rest = [int(t) for t in it]
+        seconds += time.perf_counter() - t0
+        tokens += len(rest)
+        outputs.append([first, *rest])
     return outputs, seconds, tokens
 
 
-def run(model: str = "demo", prompts: int = 20, max_new_tokens: int = 48, draft_tokens: int = 3,
-        runs: int = 3, json_out: Path | None = None) -> dict:
+def run(model: str = "demo", prompts: int = 50, max_new_tokens: int = 48, draft_tokens: int = 3,
+        runs: int = 5, json_out: Path | None = None) -> dict:
+    """Plain and MTP decoding alternate run by run on one loaded model per setup (the draft-length
+    estimates persist across calls, as they do for a user); one warm-up pass of each is not counted."""
     import offload
     from offload.demo import tasks
 
@@ -35,18 +39,22 @@ def run(model: str = "demo", prompts: int = 20, max_new_tokens: int = 48, draft_
     quarter = max(1, round(probe.spec.router.num_experts / 4))
     results = {}
     for label, cache in (("resident", None), (f"offloaded, cache {quarter}/{probe.spec.router.num_experts}", quarter)):
-        row = {}
-        for mode, kw in (("plain", {}), ("mtp", {"speculative": "mtp", "draft_tokens": draft_tokens})):
-            rates, outputs = [], None
-            for _ in range(runs):
-                lm = offload.load(model, device="cpu", cache_experts=cache)
-                outputs, seconds, tokens = _decode(lm, ids, max_new_tokens, **kw)
-                rates.append(tokens / seconds)
-            stats = lm.stats()
-            row[mode] = {"tok_s": sorted(rates)[len(rates) // 2], "outputs": outputs,
-                         "expert_loads_per_token": stats.get("misses", 0) / max(1, sum(map(len, outputs))),
-                         **({"speculative": stats["speculative"]} if mode == "mtp" else {})}
-        row["identical_output"] = row["plain"].pop("outputs") == row["mtp"].pop("outputs")
+        lm = offload.load(model, device="cpu", cache_experts=cache)
+        modes = {"plain": 0, "mtp": draft_tokens}
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        outputs, loads = {}, {}
+        for r in range(runs + 1):
+            for mode, draft in modes.items():
+                before = lm.stats()
+                outputs[mode], seconds, tokens = _decode(lm, ids, max_new_tokens, draft)
+                after = lm.stats()
+                if r:  # run 0 warms up
+                    rates[mode].append(tokens / seconds)
+                loads[mode] = (after.get("misses", 0) - before.get("misses", 0)) / max(1, sum(map(len, outputs[mode])))
+        row = {mode: {"tok_s": statistics.median(rates[mode]), "tok_s_runs": rates[mode],
+                      "expert_loads_per_token": loads[mode]} for mode in modes}
+        row["mtp"]["speculative"] = lm.stats()["speculative"]
+        row["identical_output"] = outputs["plain"] == outputs["mtp"]
         row["speedup"] = row["mtp"]["tok_s"] / row["plain"]["tok_s"]
         results[label] = row
     _print(results)
