@@ -128,13 +128,12 @@ def run(trace: list[str], policy: str, capacity: int, json_out: bool = False, pr
     files: dict[str, dict[str, Any]] = {}
     total: dict[str, list[int]] = {n: [0, 0] for n in names}
     traces = {path: read_trace(path) for path in trace}
+    fixed_profile = None if profile in ("none", "others") else read_trace(profile)
     for path, rows in traces.items():
-        if profile == "none":
-            profile_rows = None
-        elif profile == "others":
+        if profile == "others":
             profile_rows = [row for other, r in traces.items() if other != path for row in r]
         else:
-            profile_rows = read_trace(profile)
+            profile_rows = fixed_profile
         files[path] = {}
         for name in names:
             r = simulate(rows, name, capacity, profile_rows)

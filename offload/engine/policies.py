@@ -219,7 +219,7 @@ class ContextPolicy(EvictionPolicy):
         self._recency = _Recency()
         self._pending: list[tuple[list[tuple], set[int]]] = []  # contexts still collecting their future
         self._current: tuple[int, ...] = ()
-        self._previous: tuple[int, ...] = ()
+        self._contexts_now: list[tuple] = []  # this step's contexts: per expert, the set, the pair of sets
         self._step = 0
 
     @staticmethod
@@ -236,8 +236,9 @@ class ContextPolicy(EvictionPolicy):
                 self._seen[c] += 1
                 for e in future:
                     self._hits[c][e] += 1
-        self._previous, self._current, self._step = self._current, tuple(experts), step
-        self._pending.append((self._contexts(self._current, self._previous), set()))
+        self._contexts_now = self._contexts(experts, self._current)
+        self._current, self._step = tuple(experts), step
+        self._pending.append((self._contexts_now, set()))
         for e in experts:
             self._freq.add(e, step)
 
@@ -251,7 +252,7 @@ class ContextPolicy(EvictionPolicy):
         share = self._freq.share(expert, self._step) * len(self._current)
         if not self._current:
             return share
-        *singles, whole, pair = self._contexts(self._current, self._previous)
+        *singles, whole, pair = self._contexts_now
         single = sum(self._estimate(c, expert, share) for c in singles) / len(singles)
         return self._estimate(pair, expert, self._estimate(whole, expert, single))
 
