@@ -2,6 +2,7 @@
 so the offload engine can decide where each expert lives and when it moves."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -73,25 +74,26 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
         provider: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], prefetch_count: int) -> torch.Tensor:
     """x [B, T, H] routed by (weights, ids) [N, k] -> [B, T, H]. Each hit expert runs once on its tokens;
     outputs are summed in ascending expert order whatever order the provider yields them in, so the
-    result does not depend on where experts live. `predictions`: (later layer, expert scores [E])."""
+    result does not depend on where experts live. `predictions`: (later layer, expert scores [E]).
+    Per expert it costs a slice, a gather and the MLP; the weighting and the scatter are one op per layer."""
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
     rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
     table = rows.tolist()  # the single host sync of the layer
     hit = [i for i in range(r.num_experts) if table[0][i] > 0]
     prefetch = [(later, top_experts(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
+    # (token, slot) pairs sorted by expert: each expert's tokens are one slice, found from the counts
+    order = torch.argsort(ids.flatten(), stable=True)
+    token_of = order // ids.shape[1]
+    starts = dict(zip(hit, itertools.accumulate((int(table[0][i]) for i in hit), initial=0)))
     outputs = {}
     for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], [int(table[0][i]) for i in hit],
                                       prefetch):
-        token, slot = torch.where(ids == expert)
+        token = token_of[starts[expert]:starts[expert] + int(table[0][expert])]
         where = getattr(w["down"], "device", flat.device)  # a miss may be computed on the host, where it lives
-        y = expert_mlp(flat[token].to(where), w, e).to(flat.device)
-        outputs[expert] = (token, y * weights[token, slot, None])
-    out = torch.zeros_like(flat)
-    for expert in sorted(outputs):
-        token, y = outputs[expert]
-        out.index_add_(0, token, y.to(out.dtype))
-    return out.view_as(x)
+        outputs[expert] = expert_mlp(flat[token].to(where), w, e).to(flat.device)
+    y = torch.cat([outputs[i] for i in hit]) * weights.flatten()[order, None]
+    return torch.zeros_like(flat).index_add_(0, token_of, y.to(flat.dtype)).view_as(x)
 
 
 def top_experts(scores: list[float], n: int) -> list[int]:
