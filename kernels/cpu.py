@@ -1,11 +1,12 @@
-"""CPU path: HQQ 2/3/4-bit (axis=1) on torch's int4pack GEMM.
+"""CPU path: HQQ 2/3/4-bit (axis=1) as int4pack tiles.
 
-`aten._weight_int4pack_mm_for_cpu` is the fastest quantized GEMV torch ships (about 2x
-dense bf16 on a 4096x14336 GEMV). Our 4-bit tile layout *is* its AVX2 layout, so 4-bit
-needs no conversion; 2/3-bit codes become int4pack bytes with two masks (see
+Our 4-bit tile layout *is* the AVX2 layout of torch's `aten._weight_int4pack_mm_for_cpu`, so
+4-bit needs no conversion; 2/3-bit codes become int4pack bytes with two masks (see
 offload.quant.layout), so the host store keeps 2/3-bit bytes and only the prepared
-(compute-slot) copy is 4-bit. Other CPUs (AVX-512 packs 64-row blocks) take a slower but
-exact conversion through torch's own packer.
+(compute-slot) copy is 4-bit. Decode-sized inputs (<= 8 rows) run our AVX2 GEMV
+(offload.kernels.native, ~2x torch's kernel at M = 1); larger ones, and CPUs where torch
+packs another layout (AVX-512: 64-row blocks, reached by an exact conversion through
+torch's own packer), run torch's kernel.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from offload.kernels import native
 from offload.quant.hqq import hqq_scale_zero
 from offload.quant.layout import TILE_N, pack_codes, unpack_codes
 from offload.quant.tensor import QuantizedTensor
@@ -50,9 +52,17 @@ class Int4PackWeight:
     out_features: int
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        a = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, self.group_size, self.scale_zeros)
+        a = x.reshape(-1, x.shape[-1])
+        if a.shape[0] <= native.MAX_ROWS and _native_layout() and native.library() is not None:
+            y = native.q4_gemv(a.to(torch.float32).contiguous(), self.packed, self.scale_zeros, self.group_size)
+        else:
+            y = self.matmul_int4pack(a)
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul_int4pack(self, a: torch.Tensor) -> torch.Tensor:
+        """torch's kernel on a 2-D input (bf16 activations), [M, N_pad] bf16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.packed, self.group_size,
+                                                          self.scale_zeros)
 
 
 def _nibbles(qt: QuantizedTensor) -> torch.Tensor:

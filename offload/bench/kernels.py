@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from offload.kernels import prepare, qmatmul
+from offload.kernels.cpu import Int4PackWeight
 from offload.quant import PRESETS, QuantizedTensor, hqq_reference, quantize
 from offload.quant.layout import padded_rows
 
@@ -100,6 +101,8 @@ def speed(shape: tuple[int, int], rotate: int, runs: int) -> dict:
         prepared += [prepare(random_hqq(bits, g, shape)) for _ in range(_copies(read, rotate) - 2)]
         record(f"ours-hqq{bits}-g{g}", lambda p: p.matmul(x), prepared, read, stored.nbytes)
         res[f"ours-hqq{bits}-g{g}"]["prepare_ms"] = prep_ms
+        if bits == 4 and isinstance(prepared[0], Int4PackWeight):  # the same tiles on torch's own kernel
+            record("torch-int4pack-4bit", lambda p: p.matmul_int4pack(x), prepared, read, stored.nbytes)
         del prepared
         raw = [random_hqq(bits, g, shape) for _ in range(_copies(stored.nbytes, rotate))]
         record(f"ours-hqq{bits}-g{g}-unprepared", lambda q: qmatmul(x, q), raw, stored.nbytes, stored.nbytes)
