@@ -17,22 +17,13 @@ def kernels(quick: bool = typer.Option(False, help="Smaller, faster run (not for
             threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
             json_out: Path | None = typer.Option(None, "--json", help="Also write the results here.")) -> None:
     """Quantization error vs hqq, CPU GEMV speed vs bitsandbytes NF4 and dense bf16, bits/param."""
-    import json
-
     import torch
 
-    from offload.bench.kernels import ROTATE_BYTES, SHAPE, run, speed, stream_bandwidth_gbs
+    from offload.bench.kernels import run
 
     if threads:
         torch.set_num_threads(threads)
-    if speed_only:
-        result = {"threads": torch.get_num_threads(), "stream_read_gbs": stream_bandwidth_gbs(4 * ROTATE_BYTES),
-                  "gemv": {k: {"ms": v["ms"], "gbs": v["gbs"]} for k, v in speed(SHAPE, ROTATE_BYTES, 5).items()}}
-        typer.echo(json.dumps(result, indent=1))
-        if json_out:
-            json_out.write_text(json.dumps(result, indent=1))
-        return
-    run(json_out=str(json_out) if json_out else None, quick=quick)
+    run(json_out=str(json_out) if json_out else None, quick=quick, speed_only=speed_only)
 
 
 @app.command()
