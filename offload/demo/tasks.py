@@ -15,7 +15,8 @@ shipped checkpoint: docs/demo_model.md):
     compare  larger / smaller of two numbers in 0..999       "Which is larger, 482 or 428?" -> "482"
     sort     3-4 numbers in 0..99, ascending or descending   "Sort ascending: 42, 7, 19" -> "7, 19, 42"
     count    occurrences of a word in a list of 3-8 words     "How many times does apple appear in:
-             (0-5 times), or of a letter in a word spelled    pear apple plum apple?"   -> "2"
+             (0-5 times), or of a letter in a word spelled    pear apple plum apple?"
+                                                             -> "pear apple(1) plum apple(2) = 2"
              out with spaces ("b a n a n a"; a real word or
              a made-up one of 4-9 letters)
     word     one-step word problems: buys more / gives away (numbers 1..30), boxes of items (2..9 x 2..9),
@@ -107,10 +108,24 @@ def _count(rng):
         others = [w for w in WORDS if w != target]
         xs = [target] * k + [rng.choice(others) for _ in range(n - k)]
         rng.shuffle(xs)
-        return f"How many times does {target} appear in: {' '.join(xs)}?", str(k)
+        return f"How many times does {target} appear in: {' '.join(xs)}?", _tally(xs, target)
     word = rng.choice(LETTER_WORDS) if rng.random() < 0.5 else _letters(rng)
     letter = rng.choice(sorted(set(word)) + ["z", "x"] if rng.random() < 0.1 else sorted(set(word)))
-    return f"How many times does the letter {letter} appear in {' '.join(word)}?", str(word.count(letter))
+    return f"How many times does the letter {letter} appear in {' '.join(word)}?", _tally(word, letter)
+
+
+def _tally(items, target: str) -> str:
+    """Walk the items and number each match as it goes: "b a(1) n a(2) n a(3) = 3". Each step is then a
+    copy and a +1 next to the last count, which a small model learns; a bare "3" asks it to count in one
+    forward pass, which it does not."""
+    k, out = 0, []
+    for x in items:
+        if x == target:
+            k += 1
+            out.append(f"{x}({k})")
+        else:
+            out.append(x)
+    return f"{' '.join(out)} = {k}"
 
 
 def _letters(rng: random.Random) -> str:
@@ -169,11 +184,12 @@ def make_task(rng: random.Random, kind: str | None = None) -> tuple[str, str]:
     return _MAKERS[kind](rng)
 
 
-def make_tasks(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
-    """n (kind, question, answer) triples."""
+def make_tasks(rng: random.Random, n: int, weights: tuple[float, ...] = WEIGHTS) -> list[tuple[str, str, str]]:
+    """n (kind, question, answer) triples, kinds drawn by `weights` (the evaluation mix unless a trainer
+    asks for another)."""
     out = []
     for _ in range(n):
-        kind = rng.choices(KINDS, WEIGHTS)[0]
+        kind = rng.choices(KINDS, weights)[0]
         out.append((kind, *_MAKERS[kind](rng)))
     return out
 
@@ -205,6 +221,5 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 def final_answer(reply: str) -> str:
-    """The checkable answer of a reply: the text after the last '=', or the whole reply (compare, sort,
-    count)."""
+    """The checkable answer of a reply: the text after the last '=', or the whole reply (compare, sort)."""
     return normalize(reply.rsplit("=", 1)[-1])
