@@ -21,16 +21,23 @@ from .model.mtp import MTPHead
 
 @dataclass
 class DraftLength:
-    """Chooses k in 0..max_k maximising expected tokens per second: E(k) = 1 + a + ... + a^k tokens for
-    a step that costs c(k) seconds (EMAs of the acceptance rate a and of each c(k)); re-measures a
-    neighbouring length now and then so the estimates follow the cache's state."""
+    """Chooses k in 0..max_k maximising expected tokens per second: a step drafting k tokens yields
+    E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens and costs c(k) seconds, with a_i the acceptance of
+    the i-th draft given the ones before it were accepted, and c(k) the measured time of such a step (EMAs
+    of both). Acceptance is kept per position because chained drafts are much weaker than the first (on
+    the demo model ~0.99 for the first, far lower after), and one pooled rate would misjudge every k.
+    A neighbouring length is re-measured now and then so the estimates follow the cache's state."""
 
     max_k: int
-    acceptance: float = 0.7
+    acceptance: list[float] = field(default_factory=list)
     cost: dict[int, float] = field(default_factory=dict)
     steps: int = 0
     decay: float = 0.8
     explore_every: int = 16
+    prior: float = 0.7
+
+    def __post_init__(self) -> None:
+        self.acceptance = self.acceptance or [self.prior] * self.max_k
 
     def choose(self) -> int:
         self.steps += 1
@@ -42,15 +49,20 @@ class DraftLength:
             return min(self.max_k, best + 1) if best < self.max_k else best - 1
         return best
 
+    def expected_tokens(self, k: int) -> float:
+        total, reach = 1.0, 1.0
+        for a in self.acceptance[:k]:
+            reach *= a
+            total += reach
+        return total
+
     def rate(self, k: int) -> float:
-        return sum(self.acceptance ** i for i in range(k + 1)) / self.cost[k]
+        return self.expected_tokens(k) / self.cost[k]
 
     def update(self, k: int, seconds: float, accepted: int) -> None:
         self.cost[k] = seconds if k not in self.cost else self.decay * self.cost[k] + (1 - self.decay) * seconds
-        trials = min(k, accepted + 1)
-        if trials:
-            observed = accepted / trials
-            self.acceptance = self.decay * self.acceptance + (1 - self.decay) * observed
+        for i in range(min(k, accepted + 1)):  # draft i was judged: accepted if i < accepted
+            self.acceptance[i] = self.decay * self.acceptance[i] + (1 - self.decay) * float(i < accepted)
 
 
 @dataclass

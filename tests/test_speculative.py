@@ -71,3 +71,21 @@ def test_speculative_requires_mtp_weights(tmp_path):
     save_tiny("mixtral", tmp_path)
     with pytest.raises(ValueError, match="no MTP layer"):
         offload.load(tmp_path).generate(torch.tensor([[1, 2]]), max_new_tokens=3, speculative="mtp")
+
+
+def test_draft_length_follows_per_position_acceptance_and_cost():
+    """Fed the outcomes of a model whose first draft is always right and later ones never, the chooser
+    settles on one draft; when every draft is right and verifying is nearly free, on the longest."""
+    from offload.speculative import DraftLength
+
+    def settle(first_only: bool, cost) -> int:
+        chooser = DraftLength(3)
+        for _ in range(200):
+            k = chooser.choose()
+            accepted = min(k, 1) if first_only else k
+            chooser.update(k, cost(k), accepted)
+        return max(range(4), key=chooser.rate)
+
+    assert settle(True, lambda k: 1.0 + 0.3 * k) == 1
+    assert settle(False, lambda k: 1.0 + 0.05 * k) == 3
+    assert settle(True, lambda k: 1.0 + 1.5 * k) == 0  # a draft costing more than it brings is not taken
