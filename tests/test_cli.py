@@ -89,3 +89,18 @@ def test_kernel_bench_quick_speed_only(tmp_path):
     assert all(len(r["passes_ms"]) == 3 and r["ms"] > 0 for r in report["gemv"].values())
     assert "quality" not in report and 0 < report["ratios"]["ours4_roofline"]
     assert "ours4_vs_dense" in result.stdout
+
+
+def test_speculative_bench_small(tmp_path):
+    """Plain and MTP decoding of the demo model side by side, resident and offloaded: same tokens."""
+    out = tmp_path / "spec.json"
+    result = run("offload-bench", "speculative", "--prompts", "3", "--runs", "2", "--max-new-tokens", "12",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert len(report) == 2 and all(r["identical_output"] for r in report.values())
+    for r in report.values():
+        assert len(r["plain"]["tok_s_runs"]) == 2 and len(r["speedup_runs"]) == 2
+        assert r["mtp"]["speculative"]["verify_steps"] > 0
+    offloaded = next(r for name, r in report.items() if name.startswith("offloaded"))
+    assert offloaded["plain"]["expert_loads_per_token"] > 0

@@ -10,52 +10,58 @@ from pathlib import Path
 import torch
 
 
-def _decode(lm, prompts: list[torch.Tensor], max_new_tokens: int, draft: int) -> tuple[list[list[int]], float, int]:
-    """(generated ids per prompt, decode seconds, decoded tokens): the clock starts when the first token
-    (the prefill's) is out, so prefill time is excluded exactly."""
+def _decode(lm, ids: torch.Tensor, max_new_tokens: int, draft: int) -> tuple[list[int], float, int]:
+    """(generated ids, decode seconds, decoded tokens) for one prompt: the clock starts when the first
+    token (the prefill's) is out, so prefill time is excluded exactly."""
     from offload.generate import Sampling
 
-    outputs, seconds, tokens = [], 0.0, 0
-    for ids in prompts:
-        it = lm._tokens(ids, None, max_new_tokens, Sampling(), list(lm.eos_token_ids), draft)
-        first = int(next(it))
-        t0 = time.perf_counter()
-        rest = [int(t) for t in it]
-        seconds += time.perf_counter() - t0
-        tokens += len(rest)
-        outputs.append([first, *rest])
-    return outputs, seconds, tokens
+    it = lm._tokens(ids, None, max_new_tokens, Sampling(), list(lm.eos_token_ids), draft)
+    first = int(next(it))
+    t0 = time.perf_counter()
+    rest = [int(t) for t in it]
+    return [first, *rest], time.perf_counter() - t0, len(rest)
 
 
 def run(model: str = "demo", prompts: int = 50, max_new_tokens: int = 48, draft_tokens: int = 3,
         runs: int = 5, json_out: Path | None = None) -> dict:
-    """Plain and MTP decoding alternate run by run on one loaded model per setup (the draft-length
-    estimates persist across calls, as they do for a user); one warm-up pass of each is not counted."""
+    """Plain and MTP decoding take turns prompt by prompt (which goes first alternates) on one loaded model
+    per setup, so a slow spell of a shared machine hits both alike; a run's rate is its tokens over its
+    seconds, and each mode reports the median of `runs` runs after one warm-up run. The draft-length
+    estimates persist across calls, as they do for a user."""
     import offload
     from offload.demo import tasks
 
     probe = offload.load(model, device="cpu")
     ids = [probe.prompt_ids([{"role": "user", "content": q}]) for _, q, _ in tasks.heldout(prompts)]
     quarter = max(1, round(probe.spec.router.num_experts / 4))
+    modes = {"plain": 0, "mtp": draft_tokens}
     results = {}
     for label, cache in (("resident", None), (f"offloaded, cache {quarter}/{probe.spec.router.num_experts}", quarter)):
         lm = offload.load(model, device="cpu", cache_experts=cache)
-        modes = {"plain": 0, "mtp": draft_tokens}
         rates: dict[str, list[float]] = {m: [] for m in modes}
-        outputs, loads = {}, {}
-        for r in range(runs + 1):
-            for mode, draft in modes.items():
-                before = lm.stats()
-                outputs[mode], seconds, tokens = _decode(lm, ids, max_new_tokens, draft)
-                after = lm.stats()
-                if r:  # run 0 warms up
-                    rates[mode].append(tokens / seconds)
-                loads[mode] = (after.get("misses", 0) - before.get("misses", 0)) / max(1, sum(map(len, outputs[mode])))
+        outputs: dict[str, list[list[int]]] = {m: [] for m in modes}
+        misses = {m: 0 for m in modes}
+        for r in range(runs + 1):  # run 0 warms up
+            seconds, tokens = dict.fromkeys(modes, 0.0), dict.fromkeys(modes, 0)
+            for i, prompt in enumerate(ids):
+                for mode in (list(modes) if (i + r) % 2 == 0 else list(modes)[::-1]):
+                    before = lm.stats().get("misses", 0)
+                    out, sec, n = _decode(lm, prompt, max_new_tokens, modes[mode])
+                    seconds[mode] += sec
+                    tokens[mode] += n
+                    if r == runs:
+                        outputs[mode].append(out)
+                        misses[mode] += lm.stats().get("misses", 0) - before
+            if r:
+                for mode in modes:
+                    rates[mode].append(tokens[mode] / seconds[mode])
         row = {mode: {"tok_s": statistics.median(rates[mode]), "tok_s_runs": rates[mode],
-                      "expert_loads_per_token": loads[mode]} for mode in modes}
+                      "expert_loads_per_token": misses[mode] / max(1, sum(map(len, outputs[mode])))}
+               for mode in modes}
         row["mtp"]["speculative"] = lm.stats()["speculative"]
         row["identical_output"] = outputs["plain"] == outputs["mtp"]
         row["speedup"] = row["mtp"]["tok_s"] / row["plain"]["tok_s"]
+        row["speedup_runs"] = [m / p for m, p in zip(rates["mtp"], rates["plain"])]
         results[label] = row
     _print(results)
     if json_out:

@@ -40,6 +40,10 @@ class OffloadedExperts:
                        for layer in moe_layers}
         self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
         self.ready: dict[tuple[int, int], ExpertWeights] = {}  # (layer, slot) -> compute-ready weights
+        self.host_views: dict[tuple[int, int], ExpertWeights] = {}  # (layer, expert) -> views into its host blob
+        # (layer, slot) -> views into the slot: every blob has one layout, so a slot's views never change
+        self.slot_views = {(layer, slot): store.view(self.memory[layer][slot])
+                           for layer in moe_layers for slot in range(capacity)}
         self.prefetched: set[tuple[int, int]] = set()  # loaded ahead and not used yet
         self.predicted: dict[int, set[int]] = {}
         self.counters = EngineStats()
@@ -76,7 +80,7 @@ class OffloadedExperts:
         for later, predicted in prefetch:
             self._prefetch(later, predicted)
         for e in sorted(on_host):
-            yield e, self.store.view(self.store.blobs[layer, e])
+            yield e, self._host_weights(layer, e)
         while True:
             for e in hits + batch:
                 yield e, self._ready(layer, e)
@@ -145,6 +149,7 @@ class OffloadedExperts:
                 home = self.store.new_blob()
                 self.copier.writeback(home, self.memory[layer][slot])
                 self.store.blobs[layer, evicted] = home
+                self.host_views.pop((layer, evicted), None)
         self.pending[layer, expert] = self.copier.submit(dst, blob)
         self.counters.layers[layer].bytes_copied += blob.numel()
 
@@ -162,10 +167,19 @@ class OffloadedExperts:
             self.counters.wait_seconds += time.perf_counter() - start
             if self.exclusive:
                 del self.store.blobs[layer, expert]  # it lives on the device now
+                self.host_views.pop((layer, expert), None)
         slot = self.slots[layer].slot_of[expert]
         if (layer, slot) not in self.ready:  # quantized weights are converted to the kernel's form once per load
-            self.ready[layer, slot] = prepared(self.store.view(self.memory[layer][slot]))
+            self.ready[layer, slot] = prepared(self.slot_views[layer, slot])
         return self.ready[layer, slot]
+
+    def _host_weights(self, layer: int, expert: int) -> ExpertWeights:
+        """Views into the expert's host blob for computing a miss where it lives, parsed once per blob (the
+        parse costs ~0.1 ms, as much as a small expert's whole MLP)."""
+        views = self.host_views.get((layer, expert))
+        if views is None:
+            views = self.host_views[layer, expert] = self.store.view(self.store.blobs[layer, expert])
+        return views
 
     def _score_prediction(self, layer: int, routed: list[int]) -> None:
         predicted = self.predicted.pop(layer, None)
