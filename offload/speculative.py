@@ -26,7 +26,8 @@ class DraftLength:
     the i-th draft given the ones before it were accepted, and c(k) the measured time of such a step (EMAs
     of both). Acceptance is kept per position because chained drafts are much weaker than the first (on
     the demo model ~0.99 for the first, far lower after), and one pooled rate would misjudge every k.
-    A neighbouring length is re-measured now and then so the estimates follow the cache's state."""
+    Every `explore_every` steps one other length is re-measured, in turn, so no estimate goes stale (a
+    cost measured once on a cold cache would otherwise rule its length out for good)."""
 
     max_k: int
     acceptance: list[float] = field(default_factory=list)
@@ -45,8 +46,9 @@ class DraftLength:
         if unmeasured:
             return unmeasured[0]
         best = max(range(self.max_k + 1), key=self.rate)
-        if self.steps % self.explore_every == 0:
-            return min(self.max_k, best + 1) if best < self.max_k else best - 1
+        if self.max_k and self.steps % self.explore_every == 0:
+            others = [k for k in range(self.max_k + 1) if k != best]
+            return others[(self.steps // self.explore_every) % len(others)]
         return best
 
     def expected_tokens(self, k: int) -> float:
