@@ -7,7 +7,7 @@ answer. Generation is deterministic: `make_task(random.Random(seed))` always giv
 Arithmetic is written without spaces around the operators: with one token per digit, "34 + 93" puts a
 bare space token before each number and copying the operands becomes a two-step lookup for a tiny model.
 
-Kinds (ranges kept small for a 6-layer model trained ~40 minutes on one CPU core; per-kind accuracy of the
+Kinds (ranges kept small for a 6-layer model trained ~40 minutes on two CPU cores; per-kind accuracy of the
 shipped checkpoint: docs/demo_model.md):
     add      a + b, a and b in 0..99                         "What is 34+93?"           -> "34+93=127"
     sub      a - b, 0 <= b <= a <= 99 (never negative)       "What is 93-34?"           -> "93-34=59"
