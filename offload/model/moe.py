@@ -73,9 +73,10 @@ def expert_scores(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) ->
 def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r: RouterSpec, e: ExpertSpec,
         provider: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], prefetch_count: int) -> torch.Tensor:
     """x [B, T, H] routed by (weights, ids) [N, k] -> [B, T, H]. Each hit expert runs once on its tokens;
-    outputs are summed in ascending expert order whatever order the provider yields them in, so the
-    result does not depend on where experts live. `predictions`: (later layer, expert scores [E]).
-    Per expert it costs a slice, a gather and the MLP; the weighting and the scatter are one op per layer."""
+    outputs are gathered by expert id, not in the order the provider yields them, and each token sums its
+    k weighted outputs in one reduction, so the result does not depend on where experts live.
+    `predictions`: (later layer, expert scores [E]). Per expert it costs a slice, a gather and the MLP;
+    the weighting and the sum are one op each per layer."""
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
     rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
@@ -92,8 +93,10 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
         token = token_of[starts[expert]:starts[expert] + int(table[0][expert])]
         where = getattr(w["down"], "device", flat.device)  # a miss may be computed on the host, where it lives
         outputs[expert] = expert_mlp(flat[token].to(where), w, e).to(flat.device)
-    y = torch.cat([outputs[i] for i in hit]) * weights.flatten()[order, None]
-    return torch.zeros_like(flat).index_add_(0, token_of, y.to(flat.dtype)).view_as(x)
+    pairs = torch.empty(ids.numel(), flat.shape[-1], dtype=outputs[hit[0]].dtype, device=flat.device)
+    pairs[order] = torch.cat([outputs[i] for i in hit])  # back in (token, slot) order; no row written twice
+    out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
+    return out.to(flat.dtype).view_as(x)
 
 
 def top_experts(scores: list[float], n: int) -> list[int]:
