@@ -114,7 +114,8 @@ def speed(shape: tuple[int, int], rotate: int, runs: int) -> dict:
             if round_:
                 passes[name].append((time.perf_counter() - t) / len(items) * 1e3)
     for name, ms in passes.items():
-        res[name].update(ms=statistics.median(ms), passes_ms=ms, gbs=res[name]["bytes_read"] / statistics.median(ms) / 1e6)
+        median = statistics.median(ms)
+        res[name].update(ms=median, passes_ms=ms, gbs=res[name]["bytes_read"] / median / 1e6)
     return res
 
 

@@ -83,14 +83,14 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     table = rows.tolist()  # the single host sync of the layer
     hit = [i for i in range(r.num_experts) if table[0][i] > 0]
     prefetch = [(later, top_experts(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
+    tokens = [int(table[0][i]) for i in hit]
     # (token, slot) pairs sorted by expert: each expert's tokens are one slice, found from the counts
     order = torch.argsort(ids.flatten(), stable=True)
     token_of = order // ids.shape[1]
-    starts = dict(zip(hit, itertools.accumulate((int(table[0][i]) for i in hit), initial=0)))
+    spans = {e: slice(a, a + n) for e, a, n in zip(hit, itertools.accumulate(tokens, initial=0), tokens)}
     outputs = {}
-    for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], [int(table[0][i]) for i in hit],
-                                      prefetch):
-        token = token_of[starts[expert]:starts[expert] + int(table[0][expert])]
+    for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], tokens, prefetch):
+        token = token_of[spans[expert]]
         where = getattr(w["down"], "device", flat.device)  # a miss may be computed on the host, where it lives
         outputs[expert] = expert_mlp(flat[token].to(where), w, e).to(flat.device)
     pairs = torch.empty(ids.numel(), flat.shape[-1], dtype=outputs[hit[0]].dtype, device=flat.device)
