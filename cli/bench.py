@@ -26,21 +26,31 @@ def kernels(quick: bool = typer.Option(False, help="Smaller, faster run (not for
     run(json_out=str(json_out) if json_out else None, quick=quick, speed_only=speed_only)
 
 
+@app.command("gpu-kernels")
+def gpu_kernels(quick: bool = typer.Option(False, help="Smaller, faster run (not for reported figures)."),
+                json_out: Path | None = typer.Option(None, "--json", help="Also write the results here.")) -> None:
+    """CUDA only: Triton kernels vs torch bf16 (decode and prefill shapes), host<->device copy bandwidth."""
+    from offload.bench.gpu_kernels import run
+
+    run(json_out=str(json_out) if json_out else None, quick=quick)
+
+
 @app.command()
 def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a generated OLMoE-shaped one)."),
         tokens: int = typer.Option(32, min=2), runs: int = typer.Option(5, min=1),
         cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0),
         transformers: bool = typer.Option(True, help="Also time transformers on the same checkpoint."),
         threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
+        device: str = typer.Option("cpu", help="cpu, or cuda to measure on a GPU."),
         json_out: Path | None = typer.Option(None, "--json")) -> None:
-    """Decode tok/s: resident vs offloaded (cache_fraction of the experts) vs transformers, CPU."""
+    """Decode tok/s: resident vs offloaded (cache_fraction of the experts) vs transformers."""
     import torch
 
     from offload.bench.e2e import run
 
     if threads:
         torch.set_num_threads(threads)
-    run(model, tokens, runs, cache_fraction, transformers, json_out)
+    run(model, tokens, runs, cache_fraction, transformers, json_out, device)
 
 
 @app.command()
@@ -56,11 +66,12 @@ def quality(model: str = typer.Option("demo", help="A checkpoint with the demo t
 @app.command()
 def speculative(model: str = typer.Option("demo"), prompts: int = typer.Option(50, min=1),
                 max_new_tokens: int = typer.Option(48, min=2), draft_tokens: int = typer.Option(3, min=1),
-                runs: int = typer.Option(5, min=1), json_out: Path | None = typer.Option(None, "--json")) -> None:
+                runs: int = typer.Option(5, min=1), device: str = typer.Option("cpu", help="cpu, or cuda."),
+                json_out: Path | None = typer.Option(None, "--json")) -> None:
     """MTP speculation: acceptance, tokens/forward, expert loads/token, tok/s with and without speculation."""
     from offload.bench.speculative import run
 
-    run(model, prompts, max_new_tokens, draft_tokens, runs, json_out)
+    run(model, prompts, max_new_tokens, draft_tokens, runs, json_out, device)
 
 
 @app.command()

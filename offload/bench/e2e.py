@@ -1,4 +1,5 @@
-"""End-to-end decode speed on the CPU: fully resident vs offloaded (a quarter of the experts cached, next-layer
+"""End-to-end decode speed on the CPU (or a GPU: device="cuda"): fully resident vs offloaded (a quarter of the
+experts cached, next-layer
 prefetch) vs transformers, on one OLMoE-shaped checkpoint, in one process, medians of several runs.
 
 The checkpoint (random weights, real layout: 1.74B params, 64 experts top-8, hidden 1024, 16 layers, expert
@@ -83,11 +84,11 @@ def _decode_tok_s(generate, prompt: torch.Tensor, tokens: int, runs: int) -> flo
 
 
 def run(path: Path | None = None, tokens: int = 32, runs: int = 5, cache_fraction: float = 0.25,
-        with_transformers: bool = True, json_out: Path | None = None) -> dict:
+        with_transformers: bool = True, json_out: Path | None = None, device: str = "cpu") -> dict:
     import offload
 
     path = make_checkpoint(path or DEFAULT_DIR)
-    prompt = torch.randint(1, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(1, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     results: dict[str, dict] = {}
     setups = [("resident", {}), ("offloaded-cpu-miss", {"miss_policy": "auto"}),
               ("offloaded-load-miss", {"miss_policy": "load"})]
@@ -95,7 +96,7 @@ def run(path: Path | None = None, tokens: int = 32, runs: int = 5, cache_fractio
     for label, kw in setups:
         if kw:
             kw |= {"cache_experts": k, "prefetch": 1}
-        model = offload.load(path, device="cpu", **kw)
+        model = offload.load(path, device=device, **kw)
         k = k or max(1, round(cache_fraction * model.spec.router.num_experts))
         results[label] = {"tok_s": _decode_tok_s(lambda p, n, m=model: m.generate(p, max_new_tokens=n), prompt,
                                                  tokens, runs)}
@@ -107,7 +108,7 @@ def run(path: Path | None = None, tokens: int = 32, runs: int = 5, cache_fractio
     if with_transformers:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
 
         def hf_generate(p, n):
             with torch.inference_mode():
@@ -117,17 +118,18 @@ def run(path: Path | None = None, tokens: int = 32, runs: int = 5, cache_fractio
     base = results["resident"]["tok_s"]
     for r in results.values():
         r["vs_resident"] = r["tok_s"] / base
-    _print(results, torch.get_num_threads())
+    where = f"CPU, {torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name(device)
+    _print(results, where)
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
     return results
 
 
-def _print(results: dict, threads: int) -> None:
+def _print(results: dict, where: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"decode tok/s, OLMoE-shaped 1.74B bf16, CPU, {threads} threads")
+    table = Table(title=f"decode tok/s, OLMoE-shaped 1.74B bf16, {where}")
     for col in ("setup", "tok/s", "vs resident", "hit rate", "prediction recall"):
         table.add_column(col)
     for name, r in results.items():

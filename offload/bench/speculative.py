@@ -23,7 +23,7 @@ def _decode(lm, ids: torch.Tensor, max_new_tokens: int, draft: int) -> tuple[lis
 
 
 def run(model: str = "demo", prompts: int = 50, max_new_tokens: int = 48, draft_tokens: int = 3,
-        runs: int = 5, json_out: Path | None = None) -> dict:
+        runs: int = 5, json_out: Path | None = None, device: str = "cpu") -> dict:
     """Plain and MTP decoding take turns prompt by prompt (which goes first alternates) on one loaded model
     per setup, so a slow spell of a shared machine hits both alike; a run's rate is its tokens over its
     seconds, and each mode reports the median of `runs` runs after one warm-up run; the speedup is the
@@ -33,12 +33,12 @@ def run(model: str = "demo", prompts: int = 50, max_new_tokens: int = 48, draft_
     from offload.demo import tasks
 
     probe = offload.load(model, device="cpu")
-    ids = [probe.prompt_ids([{"role": "user", "content": q}]) for _, q, _ in tasks.heldout(prompts)]
+    ids = [probe.prompt_ids([{"role": "user", "content": q}]).to(device) for _, q, _ in tasks.heldout(prompts)]
     quarter = max(1, round(probe.spec.router.num_experts / 4))
     modes = {"plain": 0, "mtp": draft_tokens}
     results = {}
     for label, cache in (("resident", None), (f"offloaded, cache {quarter}/{probe.spec.router.num_experts}", quarter)):
-        lm = offload.load(model, device="cpu", cache_experts=cache)
+        lm = offload.load(model, device=device, cache_experts=cache)
         rates: dict[str, list[float]] = {m: [] for m in modes}
         outputs: dict[str, list[list[int]]] = {m: [] for m in modes}
         misses = {m: 0 for m in modes}
@@ -64,17 +64,17 @@ def run(model: str = "demo", prompts: int = 50, max_new_tokens: int = 48, draft_
         row["speedup_runs"] = [m / p for m, p in zip(rates["mtp"], rates["plain"])]
         row["speedup"] = statistics.median(row["speedup_runs"])  # paired: both modes of one run saw one machine
         results[label] = row
-    _print(results)
+    _print(results, "CPU" if device == "cpu" else torch.cuda.get_device_name(device))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
     return results
 
 
-def _print(results: dict) -> None:
+def _print(results: dict, where: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="MTP speculative decoding, demo model, CPU, greedy")
+    table = Table(title=f"MTP speculative decoding, demo model, {where}, greedy")
     for col in ("setup", "plain tok/s", "mtp tok/s", "speedup", "1st-draft acceptance", "tokens/forward",
                 "expert loads/token plain -> mtp", "identical"):
         table.add_column(col)
