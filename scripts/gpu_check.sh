@@ -14,7 +14,7 @@ for s in $sections; do
   case $s in
     tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels_triton.py ;;
     kernels) offload-bench gpu-kernels --json "$out/gpu-kernels.json" ;;
-    speculative) offload-bench speculative --device cuda --prompts 20 --runs 3 --json "$out/speculative.json" ;;
+    speculative) offload-bench speculative --device cuda --prompts 10 --runs 3 --json "$out/speculative.json" ;;
     e2e) offload-bench e2e --device cuda --runs 3 --json "$out/e2e.json" ;;
     *) echo "unknown section $s" >&2; false ;;
   esac 2>&1 | tee "$out/$s.log"

@@ -61,3 +61,34 @@ def test_fused_expert_mlp(activation, act, bias, m):
     if bias:
         g, u = g + bg, u + bu
     assert close(y, act(g, u) @ down.dequantize(torch.float32).t(), 1e-5)
+
+
+@pytest.mark.parametrize("group,k", [(16, 80), (64, 128), (32, 96)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_group_layouts(bits, group, k):
+    """Groups smaller than the K block (several per tile) and as large or larger (one per tile row)."""
+    torch.manual_seed(bits + group + k)
+    qt = quantize(torch.randn(N, k), bits, group).to(DEV)
+    for m in (1, 33):
+        x = torch.randn(m, k, device=DEV)
+        assert close(qmatmul(x, qt, backend="triton"), ref_mm(x, qt), 1e-5), (m, bits, group, k)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_split_k_gemv(m):
+    """K split across programs: partial sums added on the host give the same product, fused gate/up and
+    biases included."""
+    from offload.kernels import prepare
+    from offload.kernels.triton.launch import triton_expert_gate_up, triton_qmm
+
+    torch.manual_seed(m)
+    k = 160
+    w, w2 = (quantize(torch.randn(N, k), bits, 32).to(DEV) for bits in (4, 4))
+    pw, pw2 = (prepare(t, "triton").weight for t in (w, w2))
+    x, bias, bias2 = torch.randn(m, k, device=DEV), torch.randn(N, device=DEV), torch.randn(N, device=DEV)
+    for split in (2, 3):
+        assert close(triton_qmm(x, pw, bias, split=split), ref_mm(x, w) + bias, 1e-5)
+        y = triton_expert_gate_up(x, pw, pw2, "gpt_oss", bias, bias2, split=split)
+        assert close(y, gpt_oss_glu(ref_mm(x, w) + bias, ref_mm(x, w2) + bias2), 1e-5)
+    with pytest.raises(ValueError, match="split_k"):
+        triton_qmm(torch.randn(33, k, device=DEV), pw, split=2)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from offload.kernels.activations import ACTIVATIONS as TORCH_ACTIVATIONS
 from offload.kernels.triton.qmm import ACT_GPT_OSS, ACT_NONE, ACT_SILU, INTERPRET, qmm_kernel
 from offload.kernels.triton.tiles import FMT_HQQ, FMT_MXFP4
 from offload.quant.hqq import hqq_scale_zero
@@ -12,6 +13,8 @@ from offload.quant.tensor import QuantizedTensor
 
 GEMV_MAX_M = 8
 ACTIVATIONS = {"silu": ACT_SILU, "gpt_oss": ACT_GPT_OSS}
+MIN_SPLIT_K = 1024  # fewer inputs per program and the partial sums cost more than they save
+PROGRAMS_PER_SM = 4  # a decode GEMV wants at least this many programs per SM to cover memory latency
 
 
 @dataclass
@@ -47,35 +50,59 @@ class TritonWeight:
             (other.fmt, other.bits, other.group, other.axis, other.shape)
 
 
-def _launch(x: torch.Tensor, w: TritonWeight, w2: TritonWeight | None, act: int,
-            bias: torch.Tensor | None, bias2: torch.Tensor | None) -> torch.Tensor:
+def split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """K splits for a decode GEMV: enough programs to fill the GPU (N alone gives N/32-N/64 of them)."""
+    if m > GEMV_MAX_M or INTERPRET or k < 2 * MIN_SPLIT_K:
+        return 1
+    programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-programs * 32 // n), k // MIN_SPLIT_K))
+
+
+def _launch(x: torch.Tensor, w: TritonWeight, w2: TritonWeight | None, act: str | None,
+            bias: torch.Tensor | None, bias2: torch.Tensor | None, split: int | None) -> torch.Tensor:
     n, k = w.shape
     a = x.reshape(-1, k).contiguous()
     m = a.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     gemv = m <= GEMV_MAX_M
+    split = split or split_k(m, n, k, x.device)
+    if split > 1 and not gemv:
+        raise ValueError(f"split_k applies to the decode GEMV (M <= {GEMV_MAX_M}), not M={m}")
+    parts = 2 if act else 1
+    out = torch.empty((parts, split, m, n) if split > 1 else (m, n), device=x.device,
+                      dtype=torch.float32 if split > 1 else x.dtype)
     block_m = triton.next_power_of_2(m) if gemv else (16 if INTERPRET else 64)
     second = w2 or w
     has_bias = bias is not None
     b1 = bias if has_bias else w.scale
     b2 = bias2 if bias2 is not None else b1
-    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    qmm_kernel[grid](a, out, b1, *w.operands(), b2, *second.operands(), m, n, k, a.stride(0), out.stride(0),
-                     FMT=w.fmt, BITS=w.bits, GROUP=w.group, AXIS=w.axis, HAS_BIAS=has_bias, ACT=act,
-                     USE_DOT=not gemv, LOWP_DOT=not INTERPRET, BLOCK_M=block_m)
+    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    qmm_kernel[grid](a, out, b1, *w.operands(), b2, *second.operands(), m, n, k, a.stride(0), out.stride(-2),
+                     FMT=w.fmt, BITS=w.bits, GROUP=w.group, AXIS=w.axis, HAS_BIAS=has_bias,
+                     ACT=ACTIVATIONS[act] if act else ACT_NONE, USE_DOT=not gemv,
+                     LOWP_DOT=not INTERPRET and x.dtype in (torch.float16, torch.bfloat16),
+                     SPLIT_K=split, BLOCK_M=block_m)
+    if split > 1:  # add the partial sums in a fixed order, then the epilogue the kernel skipped
+        y = out.sum(1)
+        if has_bias:
+            y = y + torch.stack([bias, b2])[:parts, None, :].float()
+        out = TORCH_ACTIVATIONS[act](y[0], y[1]) if act else y[0]
+        out = out.to(x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
-def triton_qmm(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) -> [..., N] in x.dtype."""
-    return _launch(x, w, None, ACT_NONE, bias, None)
+def triton_qmm(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None = None,
+               split: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N] in x.dtype. split: K splits of a decode GEMV (default: enough
+    programs to fill the GPU)."""
+    return _launch(x, w, None, None, bias, None, split)
 
 
 def triton_expert_gate_up(x: torch.Tensor, gate: TritonWeight, up: TritonWeight, activation: str = "silu",
-                          gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None) -> torch.Tensor:
+                          gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+                          split: int | None = None) -> torch.Tensor:
     """act(x @ Wg^T + bg) * (x @ Wu^T + bu) in one pass over x (gpt-oss: its clamped variant)."""
     if not gate.same_kind(up):
         raise ValueError("fused gate/up needs gate and up in the same format, bits, group and shape")
     if (gate_bias is None) != (up_bias is None):
         raise ValueError("pass both gate_bias and up_bias, or neither")
-    return _launch(x, gate, up, ACTIVATIONS[activation], gate_bias, up_bias)
+    return _launch(x, gate, up, activation, gate_bias, up_bias, split)

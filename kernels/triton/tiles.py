@@ -45,9 +45,12 @@ def _mxfp4_tile(q_ptr, s_ptr, n, k, K, mask):
 
 
 @triton.jit
-def weight_tile(q_ptr, h_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K,
-                FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr):
-    """fp32 tile W[offs_n, offs_k]^T of shape [BLOCK_K, BLOCK_N]; zero outside the matrix."""
+def weight_tile(q_ptr, h_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, k0,
+                FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 tile W[offs_n, offs_k]^T of shape [BLOCK_K, BLOCK_N]; zero outside the matrix. offs_k starts at
+    k0. AXIS=1 groups (consecutive inputs of a row; the quantizer ensures GROUP | K) load each group's scale and
+    zero once per row, not once per element."""
     n = offs_n[None, :]
     k = offs_k[:, None]
     mask = (n < N) & (k < K)
@@ -56,10 +59,22 @@ def weight_tile(q_ptr, h_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K,
     else:
         code = _hqq_codes(q_ptr, h_ptr, n, k, K, mask, BITS).to(tl.float32)
         if AXIS == 1:
-            g = (n * K + k) // GROUP
+            if BLOCK_K <= GROUP:  # the whole tile lies in one group per row
+                g = offs_n * (K // GROUP) + k0 // GROUP
+                s = tl.load(s_ptr + g, mask=offs_n < N, other=0.0)
+                z = tl.load(z_ptr + g, mask=offs_n < N, other=0.0)
+                w = (code - z[None, :]) * s[None, :]
+            else:  # BLOCK_K // GROUP groups per row: [groups, GROUP, BLOCK_N] against [groups, 1, BLOCK_N]
+                gk = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                g = offs_n[None, :] * (K // GROUP) + gk[:, None]
+                gmask = (offs_n[None, :] < N) & (gk[:, None] < K // GROUP)
+                s = tl.load(s_ptr + g, mask=gmask, other=0.0)
+                z = tl.load(z_ptr + g, mask=gmask, other=0.0)
+                w3 = (tl.reshape(code, (BLOCK_K // GROUP, GROUP, BLOCK_N)) - z[:, None, :]) * s[:, None, :]
+                w = tl.reshape(w3, (BLOCK_K, BLOCK_N))
         else:
             g = (n * K + k) % ((N * K) // GROUP)
-        s = tl.load(s_ptr + g, mask=mask, other=0.0)
-        z = tl.load(z_ptr + g, mask=mask, other=0.0)
-        w = (code - z) * s
+            s = tl.load(s_ptr + g, mask=mask, other=0.0)
+            z = tl.load(z_ptr + g, mask=mask, other=0.0)
+            w = (code - z) * s
     return w
