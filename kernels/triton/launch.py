@@ -1,4 +1,4 @@
-"""Host side of the Triton kernels: prepared weights, grids, GEMV/GEMM choice."""
+"""Host side of the Triton kernels: prepared weights, grids, the decode GEMV vs dequantize + matmul for prefill."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from offload.kernels.activations import ACTIVATIONS as TORCH_ACTIVATIONS
-from offload.kernels.triton.qmm import ACT_GPT_OSS, ACT_NONE, ACT_SILU, INTERPRET, qmm_kernel
+from offload.kernels.triton.qmm import ACT_GPT_OSS, ACT_NONE, ACT_SILU, INTERPRET, dequant_kernel, qmm_kernel
 from offload.kernels.triton.tiles import FMT_HQQ, FMT_MXFP4
 from offload.quant.hqq import hqq_scale_zero
 from offload.quant.tensor import QuantizedTensor
@@ -58,35 +58,51 @@ def split_k(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(-(-programs * 32 // n), k // MIN_SPLIT_K))
 
 
+def dequantize(w: TritonWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W as a dense [N, K] tensor on the device, decoded by the same tile code as the GEMV."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.q.device)
+    block_n, block_k = (32, 32) if INTERPRET else (64, 64)
+    dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        out, *w.operands(), n, k, FMT=w.fmt, BITS=w.bits, GROUP=w.group, AXIS=w.axis, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def _prefill(a: torch.Tensor, w: TritonWeight, w2: TritonWeight | None, act: str | None,
+             bias: torch.Tensor | None, bias2: torch.Tensor | None) -> torch.Tensor:
+    """M > GEMV_MAX_M: dequantize, then the library matmul (tensor cores at full rate)."""
+    y = torch.nn.functional.linear(a, dequantize(w, a.dtype), bias)
+    if not act:
+        return y
+    return TORCH_ACTIVATIONS[act](y, torch.nn.functional.linear(a, dequantize(w2, a.dtype), bias2))
+
+
 def _launch(x: torch.Tensor, w: TritonWeight, w2: TritonWeight | None, act: str | None,
             bias: torch.Tensor | None, bias2: torch.Tensor | None, split: int | None) -> torch.Tensor:
     n, k = w.shape
     a = x.reshape(-1, k).contiguous()
     m = a.shape[0]
-    gemv = m <= GEMV_MAX_M
+    if m > GEMV_MAX_M:
+        if split not in (None, 1):
+            raise ValueError(f"split_k applies to the decode GEMV (M <= {GEMV_MAX_M}), not M={m}")
+        return _prefill(a, w, w2, act, bias, bias2).reshape(*x.shape[:-1], n)
     split = split or split_k(m, n, k, x.device)
-    if split > 1 and not gemv:
-        raise ValueError(f"split_k applies to the decode GEMV (M <= {GEMV_MAX_M}), not M={m}")
     parts = 2 if act else 1
     out = torch.empty((parts, split, m, n) if split > 1 else (m, n), device=x.device,
                       dtype=torch.float32 if split > 1 else x.dtype)
-    block_m = triton.next_power_of_2(m) if gemv else (16 if INTERPRET else 64)
     second = w2 or w
     has_bias = bias is not None
     b1 = bias if has_bias else w.scale
     b2 = bias2 if bias2 is not None else b1
-    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    grid = lambda meta: (1, triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     qmm_kernel[grid](a, out, b1, *w.operands(), b2, *second.operands(), m, n, k, a.stride(0), out.stride(-2),
                      FMT=w.fmt, BITS=w.bits, GROUP=w.group, AXIS=w.axis, HAS_BIAS=has_bias,
-                     ACT=ACTIVATIONS[act] if act else ACT_NONE, USE_DOT=not gemv,
-                     LOWP_DOT=not INTERPRET and x.dtype in (torch.float16, torch.bfloat16),
-                     SPLIT_K=split, BLOCK_M=block_m)
+                     ACT=ACTIVATIONS[act] if act else ACT_NONE, SPLIT_K=split, BLOCK_M=triton.next_power_of_2(m))
     if split > 1:  # add the partial sums in a fixed order, then the epilogue the kernel skipped
         y = out.sum(1)
         if has_bias:
             y = y + torch.stack([bias, b2])[:parts, None, :].float()
-        out = TORCH_ACTIVATIONS[act](y[0], y[1]) if act else y[0]
-        out = out.to(x.dtype)
+        out = (TORCH_ACTIVATIONS[act](y[0], y[1]) if act else y[0]).to(x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
