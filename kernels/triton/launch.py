@@ -14,7 +14,7 @@ from offload.quant.tensor import QuantizedTensor
 GEMV_MAX_M = 8
 ACTIVATIONS = {"silu": ACT_SILU, "gpt_oss": ACT_GPT_OSS}
 MIN_SPLIT_K = 1024  # fewer inputs per program and the partial sums cost more than they save
-PROGRAMS_PER_SM = 4  # a decode GEMV wants at least this many programs per SM to cover memory latency
+PROGRAMS_PER_SM = 8  # a decode GEMV wants at least this many programs per SM to cover memory latency
 
 
 @dataclass

@@ -25,7 +25,8 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bn, bk, w, st in ((32, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
-                                  (32, 128, 4, 2), (64, 64, 8, 3))]
+                                  (32, 128, 4, 2), (64, 64, 8, 3), (64, 128, 8, 3), (32, 256, 8, 3),
+                                  (64, 256, 8, 2), (128, 64, 8, 3))]
 
 
 @triton.autotune(configs=_configs(), key=["N", "K", "BLOCK_M", "SPLIT_K", "ACT", "FMT", "BITS", "GROUP", "AXIS"])
