@@ -55,7 +55,7 @@ class OffloadedExperts:
             self.sync()
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
-                prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
+                prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:
         slots, stats = self.slots[layer], self.counters.layers[layer]
         on_host = {e for e, n in zip(experts, tokens) if e not in slots.slot_of and self._compute_on_host(n)}
         if sum(tokens) == self.top_k:  # one token: score the prediction made for it (recall per decoded token)
@@ -76,19 +76,18 @@ class OffloadedExperts:
         stats.misses += len(on_host)
         self.counters.cpu_computed += len(on_host)
         in_use = set(experts)
-        batch = self._load(layer, missing, in_use)
+        loaded = self._load(layer, missing, in_use)
         for later, predicted in prefetch:
             self._prefetch(later, predicted)
-        for e in sorted(on_host):
-            yield e, self._host_weights(layer, e)
+        batch = [(e, self._host_weights(layer, e)) for e in sorted(on_host)]
         while True:
-            for e in hits + batch:
-                yield e, self._ready(layer, e)
-                in_use.discard(e)  # the caller has finished with it: its slot may be reused
+            batch += [(e, self._ready(layer, e)) for e in hits + loaded]
+            yield batch
+            in_use -= {e for e, _ in batch}  # the caller has finished with them: their slots may be reused
             if not missing:
                 return
-            hits, batch = [], self._load(layer, missing, in_use)
-            if not batch:
+            hits, batch, loaded = [], [], self._load(layer, missing, in_use)
+            if not loaded:
                 raise OffloadError(f"layer {layer}: no expert slot can be freed; raise cache_experts")
 
     def prefetch(self, predictions: list[tuple[int, torch.Tensor]], count: int) -> None:

@@ -13,9 +13,8 @@ class ResidentExperts:
         self.experts = experts
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
-                prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, ExpertWeights]]:
-        for e in experts:
-            yield e, self.experts[layer, e]
+                prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        yield [(e, self.experts[layer, e]) for e in experts]
 
     def prefetch(self, predictions: list, count: int) -> None:
         """Nothing to prefetch: every expert is resident."""

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from ..spec import ExpertSpec, RouterSpec
 from .linear import linear
 
+# Grouping stacks one copy of the expert's weights per (token, expert) pair: worth it on a GPU while that
+# copy is cheaper than the kernel launches it saves. Not on a CPU: torch's bmm on a few tiny matrices costs
+# ~45 us there, three times a whole F.linear (measured on the development machine).
+GROUPED_MAX_BYTES = {"cuda": 256 << 20}
+
 
 def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] -> (weights [N, k] fp32, expert ids [N, k])."""
@@ -42,27 +47,43 @@ def _mask_groups(choice: torch.Tensor, r: RouterSpec) -> torch.Tensor:
     return grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
 
 
+def _activate(gate: torch.Tensor, up: torch.Tensor, e: ExpertSpec) -> torch.Tensor:
+    if e.activation == "swiglu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=e.limit)  # gpt-oss
+    up = up.clamp(-e.limit, e.limit)
+    return (up + 1) * gate * torch.sigmoid(gate * e.alpha)
+
+
 def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], e: ExpertSpec) -> torch.Tensor:
     """One expert (or dense MLP) on x [N, H]: SwiGLU, or gpt-oss's clamped variant with biases."""
-    gate = linear(x, w["gate"], w.get("gate_bias"))
-    up = linear(x, w["up"], w.get("up_bias"))
-    if e.activation == "swiglu":
-        hidden = F.silu(gate) * up
-    else:
-        gate = gate.clamp(max=e.limit)
-        up = up.clamp(-e.limit, e.limit)
-        hidden = (up + 1) * gate * torch.sigmoid(gate * e.alpha)
+    hidden = _activate(linear(x, w["gate"], w.get("gate_bias")), linear(x, w["up"], w.get("up_bias")), e)
     return linear(hidden, w["down"], w.get("down_bias"))
 
 
+def grouped_expert_mlp(x: torch.Tensor, per_row: list[dict[str, torch.Tensor]], e: ExpertSpec) -> torch.Tensor:
+    """Row i of x [P, H] through expert per_row[i], all rows in one batched matmul per projection: a decode
+    step's few (token, expert) pairs cost a handful of ops instead of a handful per expert."""
+    if len(per_row) == 1:  # bmm rounds a batch of one differently; two rows keep every row's result the same
+        return grouped_expert_mlp(x.expand(2, -1), per_row * 2, e)[:1]
+
+    def project(name: str, v: torch.Tensor) -> torch.Tensor:
+        out = torch.bmm(torch.stack([w[name] for w in per_row]), v[:, :, None])[..., 0]
+        bias = f"{name}_bias"
+        return out + torch.stack([w[bias] for w in per_row]) if bias in per_row[0] else out
+
+    return project("down", _activate(project("gate", x), project("up", x), e))
+
+
 class ExpertProvider(Protocol):
-    """Where expert weights come from. `provide` yields (expert, weights) for every expert in `experts`
-    (any order, each once; weights on the compute device, or on the host to compute a miss there);
+    """Where expert weights come from. `provide` yields batches of (expert, weights), every expert in
+    `experts` once over all batches (any order; weights on the compute device, or on the host to compute a
+    miss there); a batch's weights stay valid until the next batch is asked for;
     `weights`/`tokens`: routing mass and token count per expert; `prefetch` lists (layer, experts)
     predicted for later layers. An engine may load, cache or prefetch, but must yield exact weights."""
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
-                prefetch: list[tuple[int, list[int]]]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]: ...
+                prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, dict[str, torch.Tensor]]]]: ...
 
 
 def expert_scores(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -75,8 +96,7 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     """x [B, T, H] routed by (weights, ids) [N, k] -> [B, T, H]. Each hit expert runs once on its tokens;
     outputs are gathered by expert id, not in the order the provider yields them, and each token sums its
     k weighted outputs in one reduction, so the result does not depend on where experts live.
-    `predictions`: (later layer, expert scores [E]). Per expert it costs a slice, a gather and the MLP;
-    the weighting and the sum are one op each per layer."""
+    `predictions`: (later layer, expert scores [E]). The weighting and the sum are one op each per layer."""
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
     rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
@@ -84,19 +104,45 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     hit = [i for i in range(r.num_experts) if table[0][i] > 0]
     prefetch = [(later, top_experts(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
     tokens = [int(table[0][i]) for i in hit]
-    # (token, slot) pairs sorted by expert: each expert's tokens are one slice, found from the counts
+    # (token, slot) pairs sorted by expert: each expert's pairs are one span of `order`, found from the counts
     order = torch.argsort(ids.flatten(), stable=True)
-    token_of = order // ids.shape[1]
-    spans = {e: slice(a, a + n) for e, a, n in zip(hit, itertools.accumulate(tokens, initial=0), tokens)}
-    outputs = {}
-    for expert, w in provider.provide(layer, hit, [table[1][i] for i in hit], tokens, prefetch):
-        token = token_of[spans[expert]]
-        where = getattr(w["down"], "device", flat.device)  # a miss may be computed on the host, where it lives
-        outputs[expert] = expert_mlp(flat[token].to(where), w, e).to(flat.device)
-    pairs = torch.empty(ids.numel(), flat.shape[-1], dtype=outputs[hit[0]].dtype, device=flat.device)
-    pairs[order] = torch.cat([outputs[i] for i in hit])  # back in (token, slot) order; no row written twice
+    spans = {ex: slice(a, a + n) for ex, a, n in zip(hit, itertools.accumulate(tokens, initial=0), tokens)}
+    pairs = torch.empty(ids.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device)
+    for batch in provider.provide(layer, hit, [table[1][i] for i in hit], tokens, prefetch):
+        batch.sort(key=lambda p: p[0])  # expert order, as in `order`
+        if len(batch) == len(hit):
+            where = order
+        else:
+            where = order[[i for ex, _ in batch for i in range(spans[ex].start, spans[ex].stop)]]
+        counts = [spans[ex].stop - spans[ex].start for ex, _ in batch]
+        pairs[where] = _run_batch(flat[where // ids.shape[1]], [w for _, w in batch], counts, e, ids.numel())
     out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
     return out.to(flat.dtype).view_as(x)
+
+
+def _run_batch(x: torch.Tensor, experts: list[dict[str, torch.Tensor]], counts: list[int], e: ExpertSpec,
+               layer_pairs: int) -> torch.Tensor:
+    """x [P, H]: rows grouped by expert, counts[i] rows for experts[i]. Small dense experts on the compute
+    device run as one grouped product, others one by one (a miss may run on the host where it lives). The
+    choice depends on the layer's pair count, not on how the provider batched its experts, so resident and
+    offloaded runs compute every pair the same way."""
+    if all(_groupable(w, x.device) for w in experts) and \
+            layer_pairs * _nbytes(experts[0]) <= GROUPED_MAX_BYTES.get(x.device.type, 0):
+        return grouped_expert_mlp(x, [w for w, n in zip(experts, counts) for _ in range(n)], e)
+    outputs, start = [], 0
+    for w, n in zip(experts, counts):
+        where = getattr(w["down"], "device", x.device)
+        outputs.append(expert_mlp(x[start:start + n].to(where), w, e).to(x.device))
+        start += n
+    return torch.cat(outputs)
+
+
+def _groupable(w: dict, device: torch.device) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.device == device for t in w.values())
+
+
+def _nbytes(w: dict[str, torch.Tensor]) -> int:
+    return sum(t.nbytes for t in w.values())
 
 
 def top_experts(scores: list[float], n: int) -> list[int]:
