@@ -61,18 +61,24 @@ def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], e: ExpertSpec) -> to
     return linear(hidden, w["down"], w.get("down_bias"))
 
 
-def grouped_expert_mlp(x: torch.Tensor, per_row: list[dict[str, torch.Tensor]], e: ExpertSpec) -> torch.Tensor:
+def grouped_expert_mlp(x: torch.Tensor, per_row: list[dict[str, torch.Tensor]], e: ExpertSpec,
+                       rows: int = 0) -> torch.Tensor:
     """Row i of x [P, H] through expert per_row[i], all rows in one batched matmul per projection: a decode
-    step's few (token, expert) pairs cost a handful of ops instead of a handful per expert."""
-    if len(per_row) == 1:  # bmm rounds a batch of one differently; two rows keep every row's result the same
-        return grouped_expert_mlp(x.expand(2, -1), per_row * 2, e)[:1]
+    step's few (token, expert) pairs cost a handful of ops instead of a handful per expert. The batch is
+    padded to `rows` (at least 2): the libraries pick their kernel, and with it the rounding, by the batch
+    size (cuBLAS, and CPU torch for a batch of one), so a fixed size keeps each row's result the same
+    whatever else shares its batch."""
+    n, pad = len(per_row), max(rows, 2) - len(per_row)
+    if pad > 0:
+        x = torch.cat([x, x[:1].expand(pad, -1)])
+        per_row = per_row + per_row[:1] * pad
 
     def project(name: str, v: torch.Tensor) -> torch.Tensor:
         out = torch.bmm(torch.stack([w[name] for w in per_row]), v[:, :, None])[..., 0]
         bias = f"{name}_bias"
         return out + torch.stack([w[bias] for w in per_row]) if bias in per_row[0] else out
 
-    return project("down", _activate(project("gate", x), project("up", x), e))
+    return project("down", _activate(project("gate", x), project("up", x), e))[:n]
 
 
 class ExpertProvider(Protocol):
@@ -128,7 +134,7 @@ def _run_batch(x: torch.Tensor, experts: list[dict[str, torch.Tensor]], counts: 
     offloaded runs compute every pair the same way."""
     if all(_groupable(w, x.device) for w in experts) and \
             layer_pairs * _nbytes(experts[0]) <= GROUPED_MAX_BYTES.get(x.device.type, 0):
-        return grouped_expert_mlp(x, [w for w, n in zip(experts, counts) for _ in range(n)], e)
+        return grouped_expert_mlp(x, [w for w, n in zip(experts, counts) for _ in range(n)], e, layer_pairs)
     outputs, start = [], 0
     for w, n in zip(experts, counts):
         where = getattr(w["down"], "device", x.device)
