@@ -15,6 +15,29 @@ from offload.errors import OffloadError
 LAYERS, EXPERTS = (0, 1), 6
 
 
+@pytest.fixture(autouse=True)
+def threaded_copies(monkeypatch):
+    """These tests' experts are tiny, so the copier would copy them inline: make every copy go through the
+    thread, whose ordering, overlap and faults are what they check."""
+    monkeypatch.setattr("offload.engine.copier.INLINE_COPY_BYTES", 0)
+
+
+def test_small_copies_run_inline_only_behind_nothing():
+    from offload.engine.copier import ThreadCopier
+
+    copier = ThreadCopier(inline_bytes=1 << 10)
+    dst, small = torch.zeros(256), torch.ones(256)
+    handle = copier.submit(dst, small)
+    assert handle.done() and torch.equal(dst, small)  # idle lane: copied before submit returned
+    big_dst, big = torch.zeros(1 << 24), torch.full((1 << 24,), 2.0)
+    first = copier.submit(big_dst, big)  # threaded; a small copy into the same memory must wait behind it
+    second = copier.submit(big_dst[:256], torch.full((256,), 3.0))
+    copier.wait(first)
+    copier.wait(second)
+    assert bool((big_dst[:256] == 3.0).all()) and bool((big_dst[256:] == 2.0).all())
+    copier.close()
+
+
 def _experts(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {(layer, e): {"gate": torch.randn(8, 4, generator=g), "up": torch.randn(8, 4, generator=g),

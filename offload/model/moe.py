@@ -132,8 +132,8 @@ def _run_batch(x: torch.Tensor, experts: list[dict[str, torch.Tensor]], counts: 
     device run as one grouped product, others one by one (a miss may run on the host where it lives). The
     choice depends on the layer's pair count, not on how the provider batched its experts, so resident and
     offloaded runs compute every pair the same way."""
-    if all(_groupable(w, x.device) for w in experts) and \
-            layer_pairs * _nbytes(experts[0]) <= GROUPED_MAX_BYTES.get(x.device.type, 0):
+    limit = GROUPED_MAX_BYTES.get(x.device.type, 0)
+    if limit and all(_groupable(w, x.device) for w in experts) and layer_pairs * _nbytes(experts[0]) <= limit:
         return grouped_expert_mlp(x, [w for w, n in zip(experts, counts) for _ in range(n)], e, layer_pairs)
     outputs, start = [], 0
     for w, n in zip(experts, counts):
