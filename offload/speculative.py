@@ -152,7 +152,8 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
                 drafts.append(d)
                 if i + 1 < k:
                     state, logits = mtp.step(state[:, -1:], history.new_tensor([[d]]), mtp_cache, last + 1 + i)
-            mtp_cache.truncate(last + 1)  # chained drafts were tentative
+            if k > 1:
+                mtp_cache.truncate(last + 1)  # chained drafts were tentative
         verify = history.new_tensor([[token, *drafts]])
         hv = run_main(verify)
         logits = decoder.logits(hv)[0]

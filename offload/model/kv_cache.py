@@ -78,6 +78,8 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Roll back to the first `length` tokens (rejected speculative tokens)."""
+        if length >= self.length:  # nothing was written at or past `length`: skip ~3 ops per layer
+            return
         for layer in self.layers:
             layer.truncate(length)
         self.length = length
