@@ -14,6 +14,7 @@ from .errors import CheckpointError, ModelFormatError, OffloadError
 from .lm import MoEModel
 from .loader import checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
+from .model.predictor import load as load_predictors
 from .packed import is_packed, mapped_blobs, read_packed
 from .quantize import prepared, quantize_weights
 
@@ -83,6 +84,8 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
                                    spec.router.top_k)
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
                       prefetch=prefetch if offloaded else 0, predict_from=predict_from)
+    if offloaded and prefetch:
+        decoder.predictors = load_predictors(path, dev)
     if record_trace is not None:
         decoder.recorder = RoutingRecorder(record_trace)
     model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})

@@ -13,6 +13,7 @@ from .attention import attention
 from .kv_cache import KVCache
 from .moe import ExpertProvider, expert_mlp, expert_scores, moe, route
 from .norm import rms_norm
+from .predictor import apply as apply_predictor
 from .rope import RotaryTable
 
 
@@ -34,6 +35,9 @@ class Decoder:
         self.prefetch, self.predict_from = prefetch, predict_from
         self.prefetch_count = prefetch_count or (spec.router.top_k if spec.router else 0)
         self.recorder = None  # an engine.recorder.RoutingRecorder when routing traces are recorded
+        self.predictors: dict[int, torch.Tensor] = {}  # MoE layer -> learned prefetch correction (predictor.py)
+        self.collect: dict[int, tuple[list, list]] | None = None  # predictor calibration: (early, router input)
+        self._early: dict[int, torch.Tensor] = {}
         self.embed = weights["embed"]
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
@@ -67,6 +71,8 @@ class Decoder:
                 h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
             else:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
+                if self.collect is not None:
+                    self._collect(h, x, i)
                 if recording:
                     self.recorder.record(i, ids, weights)
                 early = self._predict(h, i) if self.predict_from == "attention" else []
@@ -77,15 +83,30 @@ class Decoder:
         return rms_norm(h, self.norm, spec.rms_norm_eps)
 
     def _predict(self, h: torch.Tensor, layer: int) -> list[tuple[int, torch.Tensor]]:
-        """Expert scores of the next `prefetch` MoE layers, from their routers applied to this hidden state."""
+        """Expert scores of the next `prefetch` MoE layers, from their routers applied to this hidden state
+        (for the next one, through its learned correction when the checkpoint has one)."""
         later = [j for j in self.spec.moe_layers if j > layer][: self.prefetch]
         flat = h.reshape(-1, h.shape[-1])
         predictions = []
         for j in later:
             x = rms_norm(flat, self.layers[j]["post_attn_norm"], self.spec.rms_norm_eps)
+            if j == later[0] and j in self.predictors and self.predict_from == "attention":
+                x = apply_predictor(self.predictors[j], x)
             weights, ids = route(x, self.layers[j]["router"], self.spec.router)
             predictions.append((j, expert_scores(weights, ids, self.spec.router.num_experts)))
         return predictions
+
+    def _collect(self, h: torch.Tensor, x: torch.Tensor, layer: int) -> None:
+        """Calibration pairs: the state after the previous MoE layer's attention, normed as this layer's router
+        input is, and the router input itself."""
+        early = self._early.pop(layer, None)
+        if early is not None:
+            self.collect[layer][0].append(early)
+            self.collect[layer][1].append(x.reshape(-1, x.shape[-1]))
+        later = [j for j in self.spec.moe_layers if j > layer]
+        if later:
+            self._early[later[0]] = rms_norm(h.reshape(-1, h.shape[-1]), self.layers[later[0]]["post_attn_norm"],
+                                             self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)

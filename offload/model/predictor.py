@@ -1,0 +1,63 @@
+"""Learned next-layer expert prediction: a linear correction of the state prefetching reads.
+
+Prefetch applies MoE layer j's router to the state after the previous MoE layer's attention; layer j's
+router really sees that state plus the previous layer's expert output and layer j's attention. One affine map
+per layer, fitted by ridge regression on calibration prompts, estimates the router's input from the early
+state (x_j ~ [x_early, 1] @ A_j), so the router ranks experts as it will at layer j. It only changes which
+experts are copied ahead, never an output. Stored next to the weights as `predictor.safetensors`
+(tensors `layers.{j}.predictor`, [H + 1, H]).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FILENAME = "predictor.safetensors"
+
+
+def fit(early: torch.Tensor, target: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
+    """A [H + 1, H] minimising |[early, 1] @ A - target|^2 + ridge |A|^2 (float64 normal equations)."""
+    x = torch.cat([early, torch.ones(len(early), 1, dtype=early.dtype)], 1).double()
+    gram = x.t() @ x + ridge * torch.eye(x.shape[1], dtype=torch.double)
+    return torch.linalg.solve(gram, x.t() @ target.double()).float()
+
+
+def apply(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(a[-1].to(x.dtype), x, a[:-1].to(x.dtype))
+
+
+def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
+    """Write atomically: a temporary name, then a rename."""
+    path = Path(directory) / FILENAME
+    tmp = path.with_suffix(".tmp")
+    save_file({f"layers.{j}.predictor": a.contiguous() for j, a in predictors.items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(directory: Path, device: torch.device) -> dict[int, torch.Tensor]:
+    """{} when the checkpoint has no predictor file."""
+    path = Path(directory) / FILENAME
+    if not path.is_file():
+        return {}
+    return {int(name.split(".")[1]): t.to(device) for name, t in load_file(path).items()}
+
+
+def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48, ridge: float = 10.0) -> dict[int, torch.Tensor]:
+    """Run `model` (an offload.MoEModel) greedily on `prompts`, collect (early state, router input) pairs
+    for each MoE layer after the first, and fit one map per layer."""
+    decoder = model.decoder
+    pairs: dict[int, tuple[list, list]] = {j: ([], []) for j in decoder.spec.moe_layers[1:]}
+    decoder.collect = pairs
+    try:
+        for ids in prompts:
+            model.generate(ids, max_new_tokens=max_new_tokens)
+    finally:
+        decoder.collect = None
+    # decode steps only (one row per forward): prefetching happens there, and prompt positions route differently
+    return {j: fit(torch.cat([x for x in e if len(x) == 1]).float().cpu(),
+                   torch.cat([x for x in t if len(x) == 1]).float().cpu(), ridge)
+            for j, (e, t) in pairs.items() if any(len(x) == 1 for x in e)}

@@ -1,0 +1,39 @@
+"""Learned prefetch predictors: the fit, the file, and that the shipped ones predict better than the plain
+router on held-out prompts without changing any output."""
+import torch
+
+import offload
+from offload.model import predictor
+
+
+def test_fit_recovers_an_affine_map():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(17, 16, generator=g)
+    x = torch.randn(500, 16, generator=g)
+    target = predictor.apply(a, x)
+    torch.testing.assert_close(predictor.fit(x, target, ridge=0.0), a, rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_round_trip(tmp_path):
+    maps = {2: torch.randn(9, 8), 5: torch.randn(9, 8)}
+    predictor.save(maps, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [predictor.FILENAME]  # no temporary file left behind
+    loaded = predictor.load(tmp_path, torch.device("cpu"))
+    assert loaded.keys() == maps.keys() and all(torch.equal(loaded[j], maps[j]) for j in maps)
+    assert predictor.load(tmp_path / "missing", torch.device("cpu")) == {}
+
+
+def test_shipped_predictors_raise_recall_and_change_no_token():
+    from offload.demo import tasks
+
+    with_pred = offload.load("demo", cache_experts=4, prefetch=1)
+    plain = offload.load("demo", cache_experts=4, prefetch=1)
+    assert with_pred.decoder.predictors, "the demo ships predictor.safetensors"
+    plain.decoder.predictors = {}
+    resident = offload.load("demo")
+    for _, q, _ in tasks.heldout(12):
+        ids = resident.prompt_ids([{"role": "user", "content": q}])
+        out = resident.generate(ids, max_new_tokens=24)
+        assert torch.equal(with_pred.generate(ids, max_new_tokens=24), out)
+        plain.generate(ids, max_new_tokens=24)
+    assert with_pred.stats()["prediction_recall"] > plain.stats()["prediction_recall"] + 0.01
