@@ -73,7 +73,8 @@ def kernels(shape: tuple[int, int] = SHAPE, rotate: int = ROTATE_BYTES, runs: in
         prep = prepare(first, backend="triton")
         ref_w = first.dequantize(torch.float32)
         nbytes = _kernel_bytes(prep)
-        weights = [prep] + [prepare(make().to("cuda"), backend="triton") for _ in range(max(1, -(-rotate // nbytes) - 1))]
+        copies = max(1, -(-rotate // nbytes) - 1)
+        weights = [prep] + [prepare(make().to("cuda"), backend="triton") for _ in range(copies)]
         for m in ROWS:
             x = xs[m]
             err = _rel_err(prep.matmul(x), x.float() @ ref_w.t())

@@ -46,7 +46,8 @@ def load(directory: Path, device: torch.device) -> dict[int, torch.Tensor]:
     return {int(name.split(".")[1]): t.to(device) for name, t in load_file(path).items()}
 
 
-def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48, ridge: float = 10.0) -> dict[int, torch.Tensor]:
+def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48,
+              ridge: float = 10.0) -> dict[int, torch.Tensor]:
     """Run `model` (an offload.MoEModel) greedily on `prompts`, collect (early state, router input) pairs
     for each MoE layer after the first, and fit one map per layer."""
     decoder = model.decoder
