@@ -24,7 +24,7 @@ from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, load_spec
 INDEX, BLOBS, DENSE = "experts.json", "experts.bin", "dense.safetensors"
 PAGE = 4096  # blobs start on page boundaries: a blob maps to whole pages
 SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "predictor.safetensors")
 
 
 def is_packed(path: Path) -> bool:

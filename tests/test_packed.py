@@ -53,3 +53,16 @@ def test_experts_larger_than_ram_cap_still_generate(tmp_path):
     in_ram = subprocess.run([sys.executable, "-c", script, str(tmp_path / "src"), "ram"],
                             capture_output=True, text=True)
     assert in_ram.returncode != 0, "the RAM cap did not bind: the test proves nothing"
+
+
+def test_convert_keeps_the_prefetch_predictors(tmp_path):
+    from pathlib import Path
+
+    import offload.demo
+
+    packed = tmp_path / "packed"
+    result = subprocess.run([sys.executable, "-m", "offload.cli.convert", str(Path(offload.demo.__file__).parent),
+                             str(packed)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (packed / "predictor.safetensors").is_file()
+    assert sorted(offload.load(packed, cache_experts=4).decoder.predictors) == [2, 3, 4, 5]
