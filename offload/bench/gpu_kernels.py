@@ -16,6 +16,7 @@ import torch
 
 from offload.bench.kernels import HQQ_SETTINGS, SHAPE, random_hqq
 from offload.kernels import prepare
+from offload.kernels.triton.qmm import qmm_kernel
 from offload.quant import QuantizedTensor, from_mxfp4
 
 ROTATE_BYTES = 1 << 30
@@ -92,12 +93,7 @@ def kernels(shape: tuple[int, int] = SHAPE, rotate: int = ROTATE_BYTES, runs: in
         m = int(name.rsplit("=", 1)[1])
         result.setdefault(name, {}).update(ms=ms, passes_ms=passes[name], copies=len(items), bytes_read=nbytes,
                                            gbs=nbytes / ms / 1e6, tflops=2 * m * n * k / ms / 1e9)
-    from offload.kernels.triton.qmm import qmm_kernel
-
-    result["autotuned"] = {str(key): str(config) for key, config in qmm_kernel.cache.items()}
     for name, r in result.items():
-        if name == "autotuned":
-            continue
         r["vs_dense"] = r["ms"] / result[f"dense-bf16 M={name.rsplit('=', 1)[1]}"]["ms"]
     return result
 
@@ -122,6 +118,7 @@ def run(json_out: str | None = None, quick: bool = False) -> dict:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": list(shape),
               "read_gbs": read_bandwidth_gbs(1 << 30 if quick else 4 << 30),
               "gemm": kernels(shape, (64 << 20) if quick else ROTATE_BYTES, 3 if quick else 10),
+              "autotuned": {str(key): str(config) for key, config in qmm_kernel.cache.items()},
               "copies": copies((8 << 20) if quick else (64 << 20))}
     _print(result)
     if json_out:
@@ -138,12 +135,11 @@ def _print(result: dict) -> None:
                     f"{result['shape'][1]}; device read {result['read_gbs']:.0f} GB/s")
     for c in ("kernel", "ms (median)", "vs dense", "GB/s read", "of read bw", "TFLOP/s", "rel err"):
         t.add_column(c)
-    rows = {k: v for k, v in result["gemm"].items() if k != "autotuned"}
-    for name, r in sorted(rows.items(), key=lambda p: (int(p[0].rsplit("=", 1)[1]), p[0])):
+    for name, r in sorted(result["gemm"].items(), key=lambda p: (int(p[0].rsplit("=", 1)[1]), p[0])):
         err = r.get("rel_err_vs_dequant_fp32")
         t.add_row(name, f"{r['ms']:.4f}", f"{r['vs_dense']:.2f}x", f"{r['gbs']:.0f}",
                   f"{r['gbs'] / result['read_gbs']:.0%}", f"{r['tflops']:.1f}", "" if err is None else f"{err:.1e}")
     console.print(t)
-    for key, config in result["gemm"]["autotuned"].items():
+    for key, config in result["autotuned"].items():
         console.print(f"GEMV config {key}: {config}")
     console.print("copies: " + ", ".join(f"{k} {v['gbs']:.1f} GB/s" for k, v in result["copies"].items()))

@@ -71,7 +71,7 @@ class Decoder:
                 h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
             else:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
-                if self.collect is not None:
+                if self.collect is not None and T == 1:  # decode steps: where prefetching happens
                     self._collect(h, x, i)
                 if recording:
                     self.recorder.record(i, ids, weights)

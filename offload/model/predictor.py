@@ -26,7 +26,7 @@ def fit(early: torch.Tensor, target: torch.Tensor, ridge: float = 10.0) -> torch
 
 
 def apply(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(a[-1].to(x.dtype), x, a[:-1].to(x.dtype))
+    return torch.addmm(a[-1], x, a[:-1])
 
 
 def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
@@ -38,18 +38,20 @@ def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
     return path
 
 
-def load(directory: Path, device: torch.device) -> dict[int, torch.Tensor]:
-    """{} when the checkpoint has no predictor file."""
+def load(directory: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
+    """{} when the checkpoint has no predictor file; else the maps on `device` in the model's `dtype`, converted
+    once here rather than at every prediction."""
     path = Path(directory) / FILENAME
     if not path.is_file():
         return {}
-    return {int(name.split(".")[1]): t.to(device) for name, t in load_file(path).items()}
+    return {int(name.split(".")[1]): t.to(device, dtype) for name, t in load_file(path).items()}
 
 
 def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48,
               ridge: float = 10.0) -> dict[int, torch.Tensor]:
-    """Run `model` (an offload.MoEModel) greedily on `prompts`, collect (early state, router input) pairs
-    for each MoE layer after the first, and fit one map per layer."""
+    """Run `model` (an offload.MoEModel) greedily on `prompts`, collect (early state, router input) pairs of
+    every decode step for each MoE layer after the first (the decoder skips prompt positions: they route
+    differently, and prefetching happens while decoding), and fit one map per layer."""
     decoder = model.decoder
     pairs: dict[int, tuple[list, list]] = {j: ([], []) for j in decoder.spec.moe_layers[1:]}
     decoder.collect = pairs
@@ -58,7 +60,4 @@ def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48,
             model.generate(ids, max_new_tokens=max_new_tokens)
     finally:
         decoder.collect = None
-    # decode steps only (one row per forward): prefetching happens there, and prompt positions route differently
-    return {j: fit(torch.cat([x for x in e if len(x) == 1]).float().cpu(),
-                   torch.cat([x for x in t if len(x) == 1]).float().cpu(), ridge)
-            for j, (e, t) in pairs.items() if any(len(x) == 1 for x in e)}
+    return {j: fit(torch.cat(e).float().cpu(), torch.cat(t).float().cpu(), ridge) for j, (e, t) in pairs.items() if e}
