@@ -133,15 +133,19 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
     history = input_ids
     token, _ = _draw(decoder.logits(hidden[0, -1]), history, sampling, generator)
     produced = 1
+    # The MTP layer's own prefill runs with the main model's, before the first token is out: it reads the
+    # prompt's states and drafts the first decode step's token. Afterwards it catches up lazily, when a
+    # step drafts: `pending` holds the states and tokens it has not read yet (None: it is up to date).
+    ready = mtp.step(hidden, torch.cat((input_ids[:, 1:], history.new_tensor([[token]])), 1), mtp_cache, 0)
+    pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
     yield torch.tensor([token], device=device)
-    pending_h, pending_ids, pending_start = hidden, torch.cat((input_ids[:, 1:], history.new_tensor([[token]])), 1), 0
     while produced < max_new_tokens and token not in eos_ids:
         k = min(chooser.choose(), max_new_tokens - produced - 1)
         started = time.perf_counter()
         last = cache.length - 1  # position of the newest token the main model has processed
         drafts, draft_probs = [], []
         if k > 0:
-            state, logits = mtp.step(pending_h, pending_ids, mtp_cache, pending_start)  # catch up, then draft
+            state, logits = mtp.step(*pending[:2], mtp_cache, pending[2]) if pending else ready
             for i in range(k):
                 if greedy:
                     d = int(logits[0, -1].argmax())
@@ -188,10 +192,9 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
             yield torch.tensor([t], device=device)
             if t in eos_ids or produced >= max_new_tokens:
                 return
-        if k > 0:
-            pending_h, pending_start = hv[:, :accepted + 1], last + 1
-            pending_ids = history.new_tensor([[*drafts[:accepted], out]])
-        else:  # the MTP layer was not run: remember its inputs for the next catch-up
-            pending_h = torch.cat((pending_h, hv[:, :1]), 1)
-            pending_ids = torch.cat((pending_ids, history.new_tensor([[out]])), 1)
+        new_h, new_ids = hv[:, :accepted + 1], history.new_tensor([[*drafts[:accepted], out]])
+        if k > 0 or pending is None:
+            pending = (new_h, new_ids, last + 1)
+        else:  # the MTP layer was not run: its unread inputs grow
+            pending = (torch.cat((pending[0], new_h), 1), torch.cat((pending[1], new_ids), 1), pending[2])
         token = out

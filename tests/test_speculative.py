@@ -51,6 +51,50 @@ def test_greedy_speculative_equals_plain(mimo_mtp, cache_experts, draft):
     assert 0 <= stats["acceptance"] <= 1
 
 
+def test_mtp_layer_reads_every_position_once_across_draft_switches(mimo_mtp):
+    """Steps that draft and steps that do not (the first one included, so the MTP layer's prefill result goes
+    unused) alternate: the MTP layer must still read every position once, in order, with the main model's
+    state there and the next token. Verification would hide a slip (greedy output stays right whatever
+    the drafts), so this checks what the layer reads against a full forward over the final sequence."""
+    from offload.generate import Sampling
+    from offload.model.mtp import MTPHead
+    from offload.speculative import DraftLength, SpecStats, speculative_loop
+
+    class Logged(MTPHead):
+        def step(self, hidden, next_ids, cache, start):
+            self.reads.append((start, hidden[0], next_ids[0]))
+            return super().step(hidden, next_ids, cache, start)
+
+    class LoggedChooser(DraftLength):
+        def choose(self) -> int:
+            self.log.append(super().choose())
+            return self.log[-1]
+
+    model = offload.load(mimo_mtp)
+    head = model.mtp_head
+    mtp = Logged(head.w, head.spec, head.embed, head.lm_head, head.device, head.dtype)
+    mtp.reads = []
+    chooser = LoggedChooser(1, cost={0: 1e-9, 1: 1.0}, explore_every=2)  # k = 1 at most: no chained drafts
+    chooser.log = []
+    prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    tokens = [int(t) for t in speculative_loop(model.decoder, mtp, prompt, 40, Sampling(), model.eos_token_ids, 1,
+                                               SpecStats(), chooser)]
+    assert tokens == model.generate(prompt, max_new_tokens=40)[0, 10:].tolist()
+    assert chooser.log[0] == 0 and {0, 1} <= set(chooser.log[1:])
+    seq = torch.cat((prompt, torch.tensor([tokens])), 1)
+    n = seq.shape[1]
+    reference = model.decoder.hidden_states(seq, model.decoder.new_cache(1, n), torch.arange(n)[None],
+                                            torch.ones(1, n, dtype=torch.bool))[0]
+    position = 0
+    for start, hidden, next_ids in mtp.reads:
+        assert start == position
+        end = start + len(next_ids)
+        assert next_ids.tolist() == seq[0, start + 1:end + 1].tolist()
+        torch.testing.assert_close(hidden, reference[start:end], rtol=1e-4, atol=1e-5)
+        position = end
+    assert position >= n - 4  # all but the last step's unread states
+
+
 def test_sampling_acceptance_rule_preserves_distribution():
     """The acceptance rule applied to drafts from q yields exactly the target p (exact enumeration)."""
     from offload.speculative import _accept
