@@ -85,7 +85,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
                       prefetch=prefetch if offloaded else 0, predict_from=predict_from)
     if offloaded and prefetch:
-        decoder.predictors = load_predictors(path, dev, dtype)
+        decoder.predictors = load_predictors(path, spec.hidden_size, dev, dtype)
     if record_trace is not None:
         decoder.recorder = RoutingRecorder(record_trace)
     model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})

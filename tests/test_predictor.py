@@ -1,26 +1,35 @@
 """Learned prefetch predictors: the fit, the file, and that the shipped ones predict better than the plain
 router on held-out prompts without changing any output."""
+import pytest
 import torch
 
 import offload
+from offload.errors import CheckpointError
 from offload.model import predictor
 
 
 def test_fit_recovers_an_affine_map():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(17, 16, generator=g)
-    x = torch.randn(500, 16, generator=g)
-    target = predictor.apply(a, x)
-    torch.testing.assert_close(predictor.fit(x, target, ridge=0.0), a, rtol=1e-4, atol=1e-4)
+    a = torch.randn(33, 16, generator=g)
+    early, previous = torch.randn(500, 16, generator=g), torch.randn(500, 16, generator=g)
+    target = predictor.apply(a, early, previous)
+    torch.testing.assert_close(predictor.fit(torch.cat((early, previous), 1), target, ridge=0.0), a,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_save_load_round_trip(tmp_path):
-    maps = {2: torch.randn(9, 8), 5: torch.randn(9, 8)}
+    maps = {2: torch.randn(17, 8), 5: torch.randn(17, 8)}
     predictor.save(maps, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [predictor.FILENAME]  # no temporary file left behind
-    loaded = predictor.load(tmp_path, torch.device("cpu"))
+    loaded = predictor.load(tmp_path, 8, torch.device("cpu"))
     assert loaded.keys() == maps.keys() and all(torch.equal(loaded[j], maps[j]) for j in maps)
-    assert predictor.load(tmp_path / "missing", torch.device("cpu")) == {}
+    assert predictor.load(tmp_path / "missing", 8, torch.device("cpu")) == {}
+
+
+def test_a_map_of_another_shape_is_refused_with_the_fix(tmp_path):
+    predictor.save({2: torch.randn(9, 8)}, tmp_path)  # one input block only: an older or foreign file
+    with pytest.raises(CheckpointError, match=r"layer 2's map is \(9, 8\), not \(17, 8\).*calibrate_predictor"):
+        predictor.load(tmp_path, 8, torch.device("cpu"))
 
 
 def test_shipped_predictors_raise_recall_and_change_no_token():

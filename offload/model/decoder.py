@@ -72,36 +72,40 @@ class Decoder:
             else:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
                 if self.collect is not None and T == 1:  # decode steps: where prefetching happens
-                    self._collect(h, x, i)
+                    self._collect(h, x, i, cache)
                 if recording:
                     self.recorder.record(i, ids, weights)
-                early = self._predict(h, i) if self.predict_from == "attention" else []
+                early = self._predict(h, i, cache) if self.predict_from == "attention" else []
+                cache.router_inputs[i] = x[:, -1]
                 h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
             if self.prefetch and self.predict_from == "output":
-                self.experts.prefetch(self._predict(h, i), self.prefetch_count)
+                self.experts.prefetch(self._predict(h, i, cache), self.prefetch_count)
         cache.length += T
         return rms_norm(h, self.norm, spec.rms_norm_eps)
 
-    def _predict(self, h: torch.Tensor, layer: int) -> list[tuple[int, torch.Tensor]]:
+    def _predict(self, h: torch.Tensor, layer: int, cache: KVCache) -> list[tuple[int, torch.Tensor]]:
         """Expert scores of the next `prefetch` MoE layers, from their routers applied to this hidden state
-        (for the next one, through its learned correction when the checkpoint has one)."""
+        (for the next one, through its learned predictor when the checkpoint has one and the sequence has
+        a previous token)."""
         later = [j for j in self.spec.moe_layers if j > layer][: self.prefetch]
         flat = h.reshape(-1, h.shape[-1])
         predictions = []
         for j in later:
             x = rms_norm(flat, self.layers[j]["post_attn_norm"], self.spec.rms_norm_eps)
-            if j == later[0] and j in self.predictors and self.predict_from == "attention":
-                x = apply_predictor(self.predictors[j], x)
+            previous = cache.router_inputs.get(j)
+            if j == later[0] and j in self.predictors and previous is not None and self.predict_from == "attention":
+                x = apply_predictor(self.predictors[j], x, previous.repeat_interleave(h.shape[1], 0))
             weights, ids = route(x, self.layers[j]["router"], self.spec.router)
             predictions.append((j, expert_scores(weights, ids, self.spec.router.num_experts)))
         return predictions
 
-    def _collect(self, h: torch.Tensor, x: torch.Tensor, layer: int) -> None:
-        """Calibration pairs: the state after the previous MoE layer's attention, normed as this layer's router
-        input is, and the router input itself."""
+    def _collect(self, h: torch.Tensor, x: torch.Tensor, layer: int, cache: KVCache) -> None:
+        """Calibration pairs: features (the state after the previous MoE layer's attention, normed as this
+        layer's router input is; this layer's router input at the previous token) and the router input."""
         early = self._early.pop(layer, None)
-        if early is not None:
-            self.collect[layer][0].append(early)
+        previous = cache.router_inputs.get(layer)
+        if early is not None and previous is not None:
+            self.collect[layer][0].append(torch.cat((early, previous), -1))
             self.collect[layer][1].append(x.reshape(-1, x.shape[-1]))
         later = [j for j in self.spec.moe_layers if j > layer]
         if later:

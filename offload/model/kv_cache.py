@@ -69,12 +69,14 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per decoder layer plus the running sequence length."""
+    """One LayerCache per decoder layer, the running sequence length, and per MoE layer the router input at
+    each row's newest position (the learned prefetch predictors read it at the next token)."""
 
     def __init__(self, attention_specs: list[AttentionSpec], batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, slack: int = 0) -> None:
         self.layers = [LayerCache(a, batch, max_len, dtype, device, slack) for a in attention_specs]
         self.length = 0
+        self.router_inputs: dict[int, torch.Tensor] = {}  # MoE layer -> [B, H]; a roll-back leaves it: a hint
 
     def truncate(self, length: int) -> None:
         """Roll back to the first `length` tokens (rejected speculative tokens)."""

@@ -1,11 +1,13 @@
-"""Learned next-layer expert prediction: a linear correction of the state prefetching reads.
+"""Learned next-layer expert prediction: a linear estimate of the router input prefetching cannot see yet.
 
 Prefetch applies MoE layer j's router to the state after the previous MoE layer's attention; layer j's
 router really sees that state plus the previous layer's expert output and layer j's attention. One affine map
-per layer, fitted by ridge regression on calibration prompts, estimates the router's input from the early
-state (x_j ~ [x_early, 1] @ A_j), so the router ranks experts as it will at layer j. It only changes which
-experts are copied ahead, never an output. Stored next to the weights as `predictor.safetensors`
-(tensors `layers.{j}.predictor`, [H + 1, H]).
+per layer, fitted by ridge regression on calibration prompts, estimates the router's input from two things
+known in time: the early state, and layer j's router input at the sequence's previous token, which carries
+layer j's attention context (x_j ~ [x_early, x_j(t-1), 1] @ A_j). The router then ranks experts as it will
+at layer j (demo, held-out prompts: recall 0.80 with the plain router, 0.84 from the early state alone,
+0.87 with both). It only changes which experts are copied ahead, never an output. Stored next to the
+weights as `predictor.safetensors` (tensors `layers.{j}.predictor`, [2H + 1, H]).
 """
 from __future__ import annotations
 
@@ -15,18 +17,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+
 FILENAME = "predictor.safetensors"
 
 
-def fit(early: torch.Tensor, target: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
-    """A [H + 1, H] minimising |[early, 1] @ A - target|^2 + ridge |A|^2 (float64 normal equations)."""
-    x = torch.cat([early, torch.ones(len(early), 1, dtype=early.dtype)], 1).double()
+def fit(features: torch.Tensor, target: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
+    """A [F + 1, H] minimising |[features, 1] @ A - target|^2 + ridge |A|^2 (float64 normal equations)."""
+    x = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], 1).double()
     gram = x.t() @ x + ridge * torch.eye(x.shape[1], dtype=torch.double)
     return torch.linalg.solve(gram, x.t() @ target.double()).float()
 
 
-def apply(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(a[-1], x, a[:-1])
+def apply(a: torch.Tensor, early: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """early, previous [N, H] -> the estimated router input [N, H]."""
+    return torch.addmm(a[-1], torch.cat((early, previous), -1), a[:-1])
 
 
 def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
@@ -38,20 +43,27 @@ def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
     return path
 
 
-def load(directory: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
+def load(directory: Path, hidden_size: int, device: torch.device,
+         dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
     """{} when the checkpoint has no predictor file; else the maps on `device` in the model's `dtype`, converted
     once here rather than at every prediction."""
     path = Path(directory) / FILENAME
     if not path.is_file():
         return {}
-    return {int(name.split(".")[1]): t.to(device, dtype) for name, t in load_file(path).items()}
+    maps = {int(name.split(".")[1]): t for name, t in load_file(path).items()}
+    for j, a in maps.items():
+        if a.shape != (2 * hidden_size + 1, hidden_size):
+            raise CheckpointError(f"{path}: layer {j}'s map is {tuple(a.shape)}, not ({2 * hidden_size + 1}, "
+                                  f"{hidden_size}) (fitted for another model or by an older version); re-fit it "
+                                  "with scripts/calibrate_predictor.py --model DIR --out DIR, or delete the file")
+    return {j: a.to(device, dtype) for j, a in maps.items()}
 
 
 def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48,
               ridge: float = 10.0) -> dict[int, torch.Tensor]:
-    """Run `model` (an offload.MoEModel) greedily on `prompts`, collect (early state, router input) pairs of
-    every decode step for each MoE layer after the first (the decoder skips prompt positions: they route
-    differently, and prefetching happens while decoding), and fit one map per layer."""
+    """Run `model` (an offload.MoEModel) greedily on `prompts`, collect ([early state, previous router input],
+    router input) pairs of every decode step for each MoE layer after the first (the decoder skips prompt
+    positions: they route differently, and prefetching happens while decoding), and fit one map per layer."""
     decoder = model.decoder
     pairs: dict[int, tuple[list, list]] = {j: ([], []) for j in decoder.spec.moe_layers[1:]}
     decoder.collect = pairs
