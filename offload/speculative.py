@@ -27,7 +27,10 @@ class DraftLength:
     of both). Acceptance is kept per position because chained drafts are much weaker than the first (on
     the demo model ~0.99 for the first, far lower after), and one pooled rate would misjudge every k.
     Every `explore_every` steps one other length is re-measured, in turn, so no estimate goes stale (a
-    cost measured once on a cold cache would otherwise rule its length out for good)."""
+    cost measured once on a cold cache would otherwise rule its length out for good). A sample counts as at
+    most `clip` times its length's estimate: a length that runs only when explored would otherwise keep a
+    single stall for hundreds of steps (on a busy 2-core VM, a few stalls parked the chooser on k = 0), while
+    a real slowdown still lifts the estimate 20% a step."""
 
     max_k: int
     acceptance: list[float] = field(default_factory=list)
@@ -36,6 +39,7 @@ class DraftLength:
     decay: float = 0.8
     explore_every: int = 16
     prior: float = 0.7
+    clip: float = 2.0
 
     def __post_init__(self) -> None:
         self.acceptance = self.acceptance or [self.prior] * self.max_k
@@ -62,7 +66,11 @@ class DraftLength:
         return self.expected_tokens(k) / self.cost[k]
 
     def update(self, k: int, seconds: float, accepted: int) -> None:
-        self.cost[k] = seconds if k not in self.cost else self.decay * self.cost[k] + (1 - self.decay) * seconds
+        if k in self.cost:  # timing noise only ever adds: follow a faster step quickly, a slower one slowly
+            old = self.cost[k]
+            seconds = (old + seconds) / 2 if seconds < old else self.decay * old + (1 - self.decay) * min(
+                seconds, self.clip * old)
+        self.cost[k] = seconds
         for i in range(min(k, accepted + 1)):  # draft i was judged: accepted if i < accepted
             self.acceptance[i] = self.decay * self.acceptance[i] + (1 - self.decay) * float(i < accepted)
 
