@@ -12,7 +12,8 @@ rc=0
 for s in $sections; do
   echo "=== $s"
   case $s in
-    tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels_triton.py ;;
+    tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels_triton.py \
+             tests/test_moe_dispatch.py tests/test_predictor.py tests/test_speculative.py ;;
     kernels) offload-bench gpu-kernels --json "$out/gpu-kernels.json" ;;
     speculative) offload-bench speculative --device cuda --prompts 10 --runs 3 --json "$out/speculative.json" ;;
     e2e) offload-bench e2e --device cuda --runs 3 --json "$out/e2e.json" ;;

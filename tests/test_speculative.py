@@ -76,15 +76,16 @@ def test_mtp_layer_reads_every_position_once_across_draft_switches(mimo_mtp):
     mtp.reads = []
     chooser = LoggedChooser(1, cost={0: 1e-9, 1: 1.0}, explore_every=2)  # k <= 1: no chained drafts
     chooser.log = []
-    prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    dev = model.device
+    prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(5)).to(dev)
     tokens = [int(t) for t in speculative_loop(model.decoder, mtp, prompt, 40, Sampling(), model.eos_token_ids, 1,
                                                SpecStats(), chooser)]
     assert tokens == model.generate(prompt, max_new_tokens=40)[0, 10:].tolist()
     assert chooser.log[0] == 0 and {0, 1} <= set(chooser.log[1:])
-    seq = torch.cat((prompt, torch.tensor([tokens])), 1)
+    seq = torch.cat((prompt, torch.tensor([tokens], device=dev)), 1)
     n = seq.shape[1]
-    reference = model.decoder.hidden_states(seq, model.decoder.new_cache(1, n), torch.arange(n)[None],
-                                            torch.ones(1, n, dtype=torch.bool))[0]
+    reference = model.decoder.hidden_states(seq, model.decoder.new_cache(1, n), torch.arange(n, device=dev)[None],
+                                            torch.ones(1, n, dtype=torch.bool, device=dev))[0]
     position = 0
     for start, hidden, next_ids in mtp.reads:
         assert start == position
