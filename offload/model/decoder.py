@@ -15,6 +15,7 @@ from .moe import ExpertProvider, expert_mlp, expert_scores, moe, route
 from .norm import rms_norm
 from .predictor import apply as apply_predictor
 from .rope import RotaryTable
+from .threads import threads_for, with_threads
 
 
 def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -46,11 +47,13 @@ class Decoder:
                           "post_attn_norm": weights[f"layers.{i}.post_attn_norm"]}
                        for i in range(len(spec.layers))]
         self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers}
+        self.threads = threads_for(weights.values(), device)
 
     def new_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
         return KVCache([layer.attention for layer in self.spec.layers], batch, max_len, self.dtype, self.device,
                        slack)
 
+    @with_threads
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                       valid: torch.Tensor) -> torch.Tensor:
         """Run T new tokens per row through every layer, extending `cache`; returns the final-norm states."""
@@ -112,5 +115,6 @@ class Decoder:
             self._early[later[0]] = rms_norm(h.reshape(-1, h.shape[-1]), self.layers[later[0]]["post_attn_norm"],
                                              self.spec.rms_norm_eps)
 
+    @with_threads
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)

@@ -19,6 +19,7 @@ from .kv_cache import LayerCache
 from .moe import expert_mlp
 from .norm import rms_norm
 from .rope import RotaryTable
+from .threads import threads_for, with_threads
 
 OWN = {"enorm.weight": "enorm", "hnorm.weight": "hnorm", "eh_proj.weight": "eh_proj",
        "final_layernorm.weight": "final_norm"}
@@ -48,11 +49,13 @@ class MTPHead:
         self.mlp = {k[len("mlp."):]: v for k, v in weights.items() if k.startswith("mlp.")}
         self.mlp_spec = ExpertSpec(weights["mlp.gate"].shape[0])
         self.rotary = RotaryTable(self.attn_spec.rope, device)
+        self.threads = threads_for([*weights.values(), embed, lm_head], device)
         self.device, self.dtype = device, dtype
 
     def new_cache(self, max_len: int, slack: int) -> LayerCache:
         return LayerCache(self.attn_spec, 1, max_len, self.dtype, self.device, slack)
 
+    @with_threads
     def step(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LayerCache,
              start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [1, T, H] at positions start..start+T-1, next_ids [1, T] -> (state [1, T, H], logits)."""
