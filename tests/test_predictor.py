@@ -46,3 +46,16 @@ def test_shipped_predictors_raise_recall_and_change_no_token():
         assert torch.equal(with_pred.generate(ids, max_new_tokens=24), out)
         plain.generate(ids, max_new_tokens=24)
     assert with_pred.stats()["prediction_recall"] > plain.stats()["prediction_recall"] + 0.01
+
+
+def test_the_kept_router_input_does_not_pin_the_prompt():
+    """The predictors read each MoE layer's router input at the previous token; after a prefill that must be
+    one row, not a view that keeps the whole prompt's activations alive (a 4k-token prompt on a large model:
+    ~32 MB a layer)."""
+    model = offload.load("demo", cache_experts=4, prefetch=1)
+    decoder, ids = model.decoder, torch.randint(3, 400, (1, 30))
+    cache = decoder.new_cache(1, 40)
+    decoder.hidden_states(ids, cache, torch.arange(30)[None], torch.ones_like(ids, dtype=torch.bool))
+    assert sorted(cache.router_inputs) == decoder.spec.moe_layers
+    row = decoder.spec.hidden_size * 4
+    assert all(t.untyped_storage().nbytes() == row for t in cache.router_inputs.values())

@@ -79,7 +79,8 @@ class Decoder:
                 if recording:
                     self.recorder.record(i, ids, weights)
                 early = self._predict(h, i, cache) if self.predict_from == "attention" else []
-                cache.router_inputs[i] = x[:, -1]
+                if self.predictors or self.collect is not None:  # a view of a prompt's x would keep all of it alive
+                    cache.router_inputs[i] = x[:, -1] if T == 1 else x[:, -1].clone()
                 h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
             if self.prefetch and self.predict_from == "output":
                 self.experts.prefetch(self._predict(h, i, cache), self.prefetch_count)

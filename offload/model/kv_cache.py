@@ -70,7 +70,7 @@ class LayerCache:
 
 class KVCache:
     """One LayerCache per decoder layer, the running sequence length, and per MoE layer the router input at
-    each row's newest position (the learned prefetch predictors read it at the next token)."""
+    each row's newest position when learned prefetch predictors will read it at the next token."""
 
     def __init__(self, attention_specs: list[AttentionSpec], batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, slack: int = 0) -> None:
