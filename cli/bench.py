@@ -15,6 +15,7 @@ app.add_typer(cache_sim_app, name="cache-sim")
 def kernels(quick: bool = typer.Option(False, help="Smaller, faster run (not for reported figures)."),
             speed_only: bool = typer.Option(False, help="Only the GEMV timings (skips hqq's slow optimizer)."),
             threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
+            rows: int = typer.Option(1, min=1, max=8, help="x rows of the timed GEMV (1: decode)."),
             json_out: Path | None = typer.Option(None, "--json", help="Also write the results here.")) -> None:
     """Quantization error vs hqq, CPU GEMV speed vs bitsandbytes NF4 and dense bf16, bits/param."""
     import torch
@@ -23,7 +24,7 @@ def kernels(quick: bool = typer.Option(False, help="Smaller, faster run (not for
 
     if threads:
         torch.set_num_threads(threads)
-    run(json_out=str(json_out) if json_out else None, quick=quick, speed_only=speed_only)
+    run(json_out=str(json_out) if json_out else None, quick=quick, speed_only=speed_only, rows=rows)
 
 
 @app.command("gpu-kernels")

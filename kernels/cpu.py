@@ -1,12 +1,12 @@
-"""CPU path: HQQ 2/3/4-bit (axis=1) as int4pack tiles.
+"""CPU path: HQQ 2/3/4-bit (axis=1) on our AVX2 GEMV and torch's int4pack kernel.
 
 Our 4-bit tile layout *is* the AVX2 layout of torch's `aten._weight_int4pack_mm_for_cpu`, so
-4-bit needs no conversion; 2/3-bit codes become int4pack bytes with two masks (see
-offload.quant.layout), so the host store keeps 2/3-bit bytes and only the prepared
-(compute-slot) copy is 4-bit. Decode-sized inputs (<= 8 rows) run our AVX2 GEMV
-(offload.kernels.native, ~2x torch's kernel at M = 1); larger ones, and CPUs where torch
-packs another layout (AVX-512: 64-row blocks, reached by an exact conversion through
-torch's own packer), run torch's kernel.
+4-bit needs no conversion. Our GEMV also reads the stored 2-bit tiles as they are; 3-bit
+codes (and 2-bit ones where that GEMV is unavailable) become int4pack bytes with two masks
+(see offload.quant.layout) in the prepared (compute-slot) copy. Decode-sized inputs
+(<= 8 rows) run our GEMV (offload.kernels.native, ~2x torch's kernel at M = 1); larger
+ones, and CPUs where torch packs another layout (AVX-512: 64-row blocks, reached by an
+exact conversion through torch's own packer), run torch's kernel.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 from offload.kernels import native
 from offload.quant.hqq import hqq_scale_zero
-from offload.quant.layout import TILE_N, pack_codes, unpack_codes
+from offload.quant.layout import TILE_N, pack_codes, padded_rows, unpack_codes
 from offload.quant.tensor import QuantizedTensor
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -42,46 +42,54 @@ def _native_layout() -> bool:
     return torch.equal(ref.reshape(-1), pack_codes(codes, 4)["qweight"].reshape(-1))
 
 
+def _native() -> bool:
+    """Is our AVX2 GEMV available, on torch's AVX2 tile layout?"""
+    return _native_layout() and native.library() is not None
+
+
 @dataclass
-class Int4PackWeight:
-    """Prepared form: int4pack bytes [N_pad, K/2] + bf16 (scale, zero) [K/g, N_pad, 2]."""
+class TileWeight:
+    """Prepared form: code tiles + bf16 (scale, offset) pairs [K/g, N_pad, 2], w = (code - 2^(bits-1)) * s + z'.
+
+    bits 4: int4pack nibbles [N_pad, K/2] (4-bit, and 3-bit converted at prepare). bits 2: the stored 2-bit
+    tiles [N_pad/64, K, 16], which our GEMV reads directly: half the bytes of nibbles in RAM and per call.
+    """
 
     packed: torch.Tensor
     scale_zeros: torch.Tensor
     group_size: int
     out_features: int
+    bits: int = 4
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         a = x.reshape(-1, x.shape[-1])
-        if a.shape[0] <= native.MAX_ROWS and _native_layout() and native.library() is not None:
-            y = native.q4_gemv(a.to(torch.float32).contiguous(), self.packed, self.scale_zeros, self.group_size)
+        if a.shape[0] <= native.MAX_ROWS and _native():
+            y = native.q_gemv(a.to(torch.float32).contiguous(), self.packed, self.bits, self.scale_zeros,
+                              self.group_size)
         else:
             y = self.matmul_int4pack(a)
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def nibbles(self) -> torch.Tensor:
+        """int4pack bytes [N_pad, K/2] (2-bit tiles are converted: a GEMM reads each byte many times)."""
+        return self.packed if self.bits == 4 else _nibbles_from_tiles(self.packed, None, 2)
+
     def matmul_int4pack(self, a: torch.Tensor) -> torch.Tensor:
         """torch's kernel on a 2-D input (bf16 activations), [M, N_pad] bf16."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.packed, self.group_size,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.nibbles(), self.group_size,
                                                           self.scale_zeros)
 
 
-def _nibbles(qt: QuantizedTensor) -> torch.Tensor:
-    """int4pack bytes [N_pad, K/2] from our 2/3/4-bit tiles."""
-    bits, k = qt.bits, qt.shape[1]
-    q = qt.tensors["qweight"]
-    if not _native_layout():
-        codes = unpack_codes(qt.tensors, bits, k) + _offset(bits)
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
-    if bits == 4:
-        return q.view(-1, k // 2)
-    tiles = q.shape[0]
+def _nibbles_from_tiles(q: torch.Tensor, qhigh: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """int4pack bytes [N_pad, K/2] from our 2/3-bit tiles [T, K, 16] (+ the 3-bit high plane [T, K, 8])."""
+    tiles, k = q.shape[0], q.shape[1]
     q64 = q.reshape(tiles, -1).view(torch.int64)
     out = torch.empty(tiles, 2, k * 16, dtype=torch.uint8)
     o64 = out.view(torch.int64)
     torch.bitwise_and(q64, _M2, out=o64[:, 0])
     torch.bitwise_and(q64 >> 2, _M2, out=o64[:, 1])
     if bits == 3:
-        d64 = qt.tensors["qhigh"].reshape(tiles, -1).view(torch.int64)  # [T, K]: 8 bytes per column
+        d64 = qhigh.reshape(tiles, -1).view(torch.int64)  # [T, K]: 8 bytes per column
         halves = o64.view(tiles, 2, k, 2)
         for h in range(2):
             for m in range(2):
@@ -90,13 +98,29 @@ def _nibbles(qt: QuantizedTensor) -> torch.Tensor:
     return out.view(-1, k // 2)
 
 
-def to_int4pack(qt: QuantizedTensor) -> Int4PackWeight:
-    """Prepare an HQQ axis=1 weight for the int4pack kernel (there w = (nibble - 8) * s + z')."""
+def _codes(qt: QuantizedTensor) -> tuple[torch.Tensor, int]:
+    """The tiles the prepared form keeps, and their bits: 2-bit tiles as stored when our GEMV reads
+    them, else int4pack bytes [N_pad, K/2]."""
+    bits, k = qt.bits, qt.shape[1]
+    q = qt.tensors["qweight"]
+    if not _native_layout():
+        codes = unpack_codes(qt.tensors, bits, k) + _offset(bits)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1), 4
+    if bits == 4:
+        return q.view(-1, k // 2), 4
+    if bits == 2 and _native():
+        return q.view(-1, k, 16), 2
+    return _nibbles_from_tiles(q.view(-1, k, 16), qt.tensors.get("qhigh"), bits), 4
+
+
+def to_tiles(qt: QuantizedTensor) -> TileWeight:
+    """Prepare an HQQ axis=1 weight for our GEMV and torch's int4pack kernel (w = (nibble - 8) * s + z',
+    nibble = code + 8 - 2^(bits-1), so s and z' serve 2-bit codes as they are, too)."""
     n, k = qt.shape
     g, bits = int(qt.params["group_size"]), qt.bits
-    packed = _nibbles(qt)
+    packed, tile_bits = _codes(qt)
     scale, zero = (t.view(n, k // g) for t in hqq_scale_zero(qt))
-    sz = torch.zeros(k // g, packed.shape[0], 2, dtype=torch.bfloat16)
+    sz = torch.zeros(k // g, padded_rows(n), 2, dtype=torch.bfloat16)
     sz[:, :n, 0] = scale.t()
     sz[:, :n, 1] = ((2.0 ** (bits - 1) - zero) * scale).t()
-    return Int4PackWeight(packed, sz, g, n)
+    return TileWeight(packed, sz, g, n, tile_bits)

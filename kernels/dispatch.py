@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 from offload.kernels.activations import ACTIVATIONS
-from offload.kernels.cpu import supports_int4pack, to_int4pack
+from offload.kernels.cpu import supports_int4pack, to_tiles
 from offload.quant.nf4 import nf4_state
 from offload.quant.tensor import QuantizedTensor
 
@@ -72,7 +72,7 @@ def prepare(w: QuantizedTensor, backend: str | None = None) -> Prepared:
         return NF4Weight(w)
     if backend == "triton":
         return TritonPrepared.from_quantized(w)
-    return to_int4pack(w) if supports_int4pack(w) else DequantWeight(w)
+    return to_tiles(w) if supports_int4pack(w) else DequantWeight(w)
 
 
 def qmatmul(x: torch.Tensor, w: QuantizedTensor | Prepared, bias: torch.Tensor | None = None,

@@ -1,4 +1,4 @@
-"""The hand-written AVX2 GEMV (q4_gemv.c), compiled on first use with the system C compiler.
+"""The hand-written AVX2 GEMV (q_gemv.c), compiled on first use with the system C compiler.
 
 One ~100-line C file needs no build system: `cc -O3 -mavx2 -mfma -fopenmp -shared` takes under a second, the
 library is cached under ~/.cache/moe-offload (written to a temporary name, then renamed) keyed by a hash
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("q4_gemv.c")
+SOURCE = Path(__file__).with_name("q_gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # x rows (tokens) it serves; larger batches are GEMMs, where torch's int4pack kernel is good
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def cache_dir() -> Path:
 def _compile(compiler: str) -> Path:
     command = (compiler, *FLAGS)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
-    target = cache_dir() / f"q4_gemv-{key}.so"
+    target = cache_dir() / f"q_gemv-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -54,32 +54,32 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MOE_OFFLOAD_NATIVE", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        log.info("native q4 GEMV off: this CPU has no AVX2")
+        log.info("native GEMV off: this CPU has no AVX2")
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.warning("native q4 GEMV off: no C compiler (set CC); using torch's int4pack kernel")
+        log.warning("native GEMV off: no C compiler (set CC); using torch's int4pack kernel")
         return None
     try:
         lib = ctypes.CDLL(str(_compile(compiler)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        log.warning("native q4 GEMV off: building %s failed (%s); using torch's int4pack kernel", SOURCE.name, detail)
+        log.warning("native GEMV off: building %s failed (%s); using torch's int4pack kernel", SOURCE.name, detail)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.q4_gemv.argtypes = (p, i, i, p, p, i, i, p, p)
-    lib.q4_gemv.restype = None
+    lib.q_gemv.argtypes = (p, i, i, p, i, p, i, i, p, p)
+    lib.q_gemv.restype = None
     return lib
 
 
-def q4_gemv(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x float32 [M <= MAX_ROWS, K] (contiguous) -> float32 [M, n_pad]; packed and scale_zeros as in
-    offload.kernels.cpu.Int4PackWeight (AVX2 tile layout)."""
+def q_gemv(x: torch.Tensor, packed: torch.Tensor, bits: int, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x float32 [M <= MAX_ROWS, K] (contiguous) -> float32 [M, n_pad]; packed (4-bit int4pack or 2-bit
+    tiles, `bits`) and scale_zeros as in offload.kernels.cpu.TileWeight."""
     lib = library()
     m, k = x.shape
     n_pad = scale_zeros.shape[1]
     y = torch.empty(m, n_pad, dtype=torch.float32)
     xsum = torch.empty(m, k // group_size, dtype=torch.float32)
-    lib.q4_gemv(x.data_ptr(), m, k, packed.data_ptr(), scale_zeros.data_ptr(), n_pad, group_size,
+    lib.q_gemv(x.data_ptr(), m, k, packed.data_ptr(), bits, scale_zeros.data_ptr(), n_pad, group_size,
                 xsum.data_ptr(), y.data_ptr())
     return y

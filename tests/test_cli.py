@@ -82,9 +82,11 @@ def test_offloaded_chat_with_plan(chat_model):
 def test_kernel_bench_quick_speed_only(tmp_path):
     """The GEMV half of `offload-bench kernels` runs end to end and reports every kernel, side by side."""
     out = tmp_path / "kernels.json"
-    result = run("offload-bench", "kernels", "--quick", "--speed-only", "--threads", "1", "--json", str(out))
+    result = run("offload-bench", "kernels", "--quick", "--speed-only", "--threads", "1", "--rows", "3",
+                 "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
+    assert report["rows"] == 3
     assert {"dense-bf16", "bnb-nf4", "ours-hqq4-g64", "torch-int4pack-4bit", "ours-hqq2-g32"} <= set(report["gemv"])
     assert all(len(r["passes_ms"]) == 3 and r["ms"] > 0 for r in report["gemv"].values())
     assert "quality" not in report and 0 < report["ratios"]["ours4_roofline"]

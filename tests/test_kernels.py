@@ -2,7 +2,7 @@
 import pytest
 import torch
 from offload.kernels import expert_mlp, gpt_oss_glu, prepare, qmatmul, swiglu
-from offload.kernels.cpu import Int4PackWeight
+from offload.kernels.cpu import TileWeight
 from offload.quant import from_mxfp4, quantize
 
 torch.manual_seed(0)
@@ -33,7 +33,7 @@ def test_qmatmul_cpu_matches_dequantized_reference(name, m):
 def test_axis1_hqq_takes_int4pack_and_prepared_equals_unprepared():
     qt = FORMATS["hqq3-g64"]
     prepared = prepare(qt)
-    assert isinstance(prepared, Int4PackWeight)
+    assert isinstance(prepared, TileWeight)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     bias = torch.randn(96, dtype=torch.bfloat16)
     assert torch.equal(qmatmul(x, prepared, bias), qmatmul(x, qt, bias))

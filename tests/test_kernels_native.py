@@ -1,4 +1,4 @@
-"""The AVX2 GEMV (kernels/q4_gemv.c) against a float64 reference built from the same prepared tiles."""
+"""The AVX2 GEMV (kernels/q_gemv.c) against a float64 reference built from the same prepared tiles."""
 import os
 import subprocess
 import sys
@@ -6,24 +6,24 @@ import sys
 import pytest
 import torch
 from offload.kernels import native, prepare
-from offload.kernels.cpu import Int4PackWeight
+from offload.kernels.cpu import TileWeight
 from offload.quant import quantize
 from offload.quant.layout import unpack_codes
 
 
-def tiles_reference(p: Int4PackWeight) -> torch.Tensor:
-    """The weight the prepared tiles encode, float64 [n_pad, K]: (nibble - 8) * s + z per group."""
-    k = p.packed.shape[1] * 2
-    nib = unpack_codes({"qweight": p.packed}, 4, k).double()
+def tiles_reference(p: TileWeight) -> torch.Tensor:
+    """The weight the prepared tiles encode, float64 [n_pad, K]: (code - 2^(bits-1)) * s + z per group."""
+    k = p.scale_zeros.shape[0] * p.group_size
+    codes = unpack_codes({"qweight": p.packed}, p.bits, k).double()
     s, z = (p.scale_zeros[..., i].double().t().repeat_interleave(p.group_size, 1) for i in (0, 1))
-    return (nib - 8) * s + z
+    return (codes - 2 ** (p.bits - 1)) * s + z
 
 
 def test_builds_on_this_machine():
     """CI and the development machines have AVX2 and a C compiler: the fast path must really be taken."""
     assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     assert native.library() is not None
-    assert list(native.cache_dir().glob("q4_gemv-*.so"))
+    assert list(native.cache_dir().glob("q_gemv-*.so"))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
@@ -32,15 +32,17 @@ def test_gemv_matches_reference(bits, group, m):
     torch.manual_seed(bits * 1000 + group + m)
     p = prepare(quantize(torch.randn(96, 384), bits, group))  # 96 rows: a padded 32-row block
     x = torch.randn(m, 384)
-    y = native.q4_gemv(x, p.packed, p.scale_zeros, group)
+    assert p.bits == (2 if bits == 2 else 4)  # 2-bit tiles are read as stored; 3-bit ones become nibbles
+    y = native.q_gemv(x, p.packed, p.bits, p.scale_zeros, group)
     ref = x.double() @ tiles_reference(p).t()
     assert y.shape == (m, 128)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-def test_matmul_takes_it_up_to_eight_rows_and_agrees_with_torchs_kernel():
-    torch.manual_seed(0)
-    p = prepare(quantize(torch.randn(160, 512), 4, 64))
+@pytest.mark.parametrize("bits", [2, 4])
+def test_matmul_takes_it_up_to_eight_rows_and_agrees_with_torchs_kernel(bits):
+    torch.manual_seed(bits)
+    p = prepare(quantize(torch.randn(160, 512), bits, 64))
     for m in (1, 8, 9):  # 9 rows go to torch's int4pack kernel
         x = torch.randn(m, 512)
         y = p.matmul(x)
@@ -51,16 +53,17 @@ def test_matmul_takes_it_up_to_eight_rows_and_agrees_with_torchs_kernel():
         assert float((torch_kernel - ref).abs().max() / scale) < 1e-2
 
 
-def test_result_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("bits", [2, 4])
+def test_result_does_not_depend_on_thread_count(bits):
     torch.manual_seed(1)
-    p = prepare(quantize(torch.randn(2048, 256), 4, 64))  # enough blocks for the parallel loop
+    p = prepare(quantize(torch.randn(2048, 256), bits, 64))  # enough blocks for the parallel loop
     x = torch.randn(2, 256)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.q4_gemv(x, p.packed, p.scale_zeros, 64)
+        one = native.q_gemv(x, p.packed, p.bits, p.scale_zeros, 64)
         torch.set_num_threads(2)
-        two = native.q4_gemv(x, p.packed, p.scale_zeros, 64)
+        two = native.q_gemv(x, p.packed, p.bits, p.scale_zeros, 64)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -72,14 +75,17 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 from offload.kernels import native, prepare
 from offload.quant import quantize
 torch.manual_seed(0)
-p, x = prepare(quantize(torch.randn(64, 128), 4, 32)), torch.randn(1, 128)
-same = torch.equal(p.matmul(x), p.matmul_int4pack(x)[:, :64].float())
-print("library", native.library() is not None, "torch kernel", same)
+x = torch.randn(1, 128)
+same = []
+for bits in (4, 2):
+    p = prepare(quantize(torch.randn(64, 128), bits, 32))
+    same.append(p.bits == 4 and torch.equal(p.matmul(x), p.matmul_int4pack(x)[:, :64].float()))
+print("library", native.library() is not None, "torch kernel", all(same))
 """
 
 
 @pytest.mark.parametrize("env,reason", [({"MOE_OFFLOAD_NATIVE": "0"}, None),
-                                        ({"CC": "false"}, "building q4_gemv.c failed"),
+                                        ({"CC": "false"}, "building q_gemv.c failed"),
                                         ({"CC": "no-such-compiler"}, "no C compiler")])
 def test_without_the_kernel_torchs_kernel_serves(tmp_path, env, reason):
     run_env = {**os.environ, "MOE_OFFLOAD_CACHE": str(tmp_path), **env}

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from offload.kernels import prepare, qmatmul
-from offload.kernels.cpu import Int4PackWeight
+from offload.kernels.cpu import TileWeight
 from offload.quant import PRESETS, QuantizedTensor, hqq_reference, quantize
 from offload.quant.layout import padded_rows
 
@@ -72,12 +72,12 @@ def quality(shape: tuple[int, int]) -> dict:
     return out
 
 
-def speed(shape: tuple[int, int], rotate: int, runs: int) -> dict:
+def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict:
     """Every kernel's rotation set is built first; then the kernels take turns, one timed pass each per
     round, and each reports its median pass: a slow spell of a shared machine then hits all of them alike
     instead of whichever kernel it happened to overlap, so the ratios stay honest."""
     n, k = shape
-    x = torch.randn(1, k, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
     cases: dict[str, tuple[Callable, list]] = {}
     res: dict[str, dict] = {}
 
@@ -101,7 +101,7 @@ def speed(shape: tuple[int, int], rotate: int, runs: int) -> dict:
         prepared += [prepare(random_hqq(bits, g, shape)) for _ in range(_copies(read, rotate) - 2)]
         add(f"ours-hqq{bits}-g{g}", lambda p: p.matmul(x), prepared, read, stored.nbytes)
         res[f"ours-hqq{bits}-g{g}"]["prepare_ms"] = prep_ms
-        if bits == 4 and isinstance(prepared[0], Int4PackWeight):  # the same tiles on torch's own kernel
+        if bits == 4 and isinstance(prepared[0], TileWeight):  # the same tiles on torch's own kernel
             add("torch-int4pack-4bit", lambda p: p.matmul_int4pack(x), prepared, read, stored.nbytes)
         raw = [random_hqq(bits, g, shape) for _ in range(_copies(stored.nbytes, rotate))]
         add(f"ours-hqq{bits}-g{g}-unprepared", lambda q: qmatmul(x, q), raw, stored.nbytes, stored.nbytes)
@@ -119,15 +119,16 @@ def speed(shape: tuple[int, int], rotate: int, runs: int) -> dict:
     return res
 
 
-def run(json_out: str | None = None, quick: bool = False, speed_only: bool = False) -> dict:
+def run(json_out: str | None = None, quick: bool = False, speed_only: bool = False, rows: int = 1) -> dict:
     """Run the kernel benchmark; print tables; return (and optionally write) the JSON. `speed_only` skips
-    the quantization-error half (hqq's optimizer is slow)."""
+    the quantization-error half (hqq's optimizer is slow); `rows` is the GEMV's batch (1: decode; 2-8:
+    speculative verify or a small batch)."""
     shape = (512, 1024) if quick else SHAPE
     gemv_shape = (1024, 4096) if quick else SHAPE
     rotate, runs = (64 << 20, 3) if quick else (ROTATE_BYTES, 5)
-    result = {"shape": list(gemv_shape), "threads": torch.get_num_threads(),
+    result = {"shape": list(gemv_shape), "rows": rows, "threads": torch.get_num_threads(),
               "stream_read_gbs": stream_bandwidth_gbs(4 * rotate if not quick else rotate),
-              "gemv": speed(gemv_shape, rotate, runs)}
+              "gemv": speed(gemv_shape, rotate, runs, rows)}
     g = result["gemv"]
     base = g["ours-hqq4-g64"]["ms"]
     result["ratios"] = {"ours4_vs_nf4": base / g["bnb-nf4"]["ms"], "ours4_vs_dense": base / g["dense-bf16"]["ms"],
@@ -160,7 +161,7 @@ def _print(result: dict) -> None:
             t.add_row(name, f"{q['ours']:.4f}", f"{q.get('hqq', float('nan')):.4f}",
                       f"{q.get('ratio', float('nan')):.4f}", f"{q['bits_per_param']:.3f}")
         console.print(t)
-    t = Table(title=f"CPU batch-1 GEMV {'x'.join(map(str, result['shape']))}, {result['threads']} threads, "
+    t = Table(title=f"CPU GEMV, {result['rows']} x {'x'.join(map(str, result['shape']))}, {result['threads']} threads, "
                     f"stream read {result['stream_read_gbs']:.1f} GB/s")
     for c in ("kernel", "ms (median)", "GB/s read", "stored MB", "prepare ms", "copies"):
         t.add_column(c)

@@ -1,0 +1,136 @@
+/* Batch-1..8 GEMV over 4-bit (int4pack, AVX2) and 2-bit tiles: y[m, n] = sum_k x[m, k] * w[n, k].
+ *
+ * Weights are the prepared CPU forms of offload.kernels.cpu (FORMAT.md), read in blocks of 32 rows:
+ *   4-bit: for every column k 16 bytes, byte j = row j (bits 0-3) | row 16 + j (bits 4-7); block b at b*K*16.
+ *   2-bit: the stored 64-row tiles, byte j = rows j, 32 + j, 16 + j, 48 + j at bits 0, 2, 4, 6; block b is
+ *          half b % 2 of tile b / 2: rows j and 16 + j (bits 0-1, 4-5) or 32 + j and 48 + j (bits 2-3, 6-7).
+ * Per group of `group` columns a bf16 pair (scale s, offset z) per row, [K / group, n_pad, 2], with
+ * w = (code - centre) * s + z (centre 8 for 4-bit nibbles, 2 for 2-bit codes).
+ *
+ * Why by hand: torch's _weight_int4pack_mm_for_cpu reaches ~20% of the streaming-read roofline at M = 1
+ * on AVX2, and has no 2-bit form. Each block walks its columns once: a column's 16 bytes become 32 floats
+ * by one mask and one convert per 8 rows, with no shift: a code masked in place is code * 2^shift, and that
+ * power of two is divided out once per group. The floats meet x[k] in four FMAs; scale and offset are
+ * applied once per group: sum_k w x = s * (sum_k code x - centre X_g) + z X_g, X_g the group's sum of x.
+ * Rows are split across OpenMP threads (torch's own libgomp, so the pools are shared), one block per
+ * thread at a time, so the result does not depend on the thread count.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define MT_MAX 2 /* x rows per pass */
+#define NV_MAX 8 /* 8-row weight vectors per column and pass */
+
+/* One column k of a pass: its 16 bytes (b0 = bytes 0-7, b1 = bytes 8-15, one row per byte) become nv
+ * vectors of 8 floats, vector v = b[v % 2] & masks[v / 2], i.e. a code times the power of two its mask
+ * starts at; they meet x[m, k] in nv FMAs per m. */
+static inline __attribute__((always_inline)) void column(const float *x, int mt, int K, int k, const uint8_t *blk,
+                                                         const int *masks, int nv, __m256 acc[MT_MAX][NV_MAX]) {
+    const uint8_t *p = blk + (long)k * 16;
+    const __m256i b[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                          _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
+    __m256 w[NV_MAX];
+    for (int v = 0; v < nv; v++) w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b[v % 2], _mm256_set1_epi32(masks[v / 2])));
+    for (int m = 0; m < mt; m++) {
+        __m256 xv = _mm256_broadcast_ss(x + (long)m * K + k);
+        for (int v = 0; v < nv; v++) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
+    }
+}
+
+/* 8 * nv rows (vector v holds rows 8v..8v+7) for mt rows of x, all K columns. `mt` and `nv` are constants
+ * at every call site, so the compiler unrolls the loops over them and keeps the accumulators in registers:
+ * 8 of them, with even and odd columns in separate sets when mt * nv = 4, so that the loop waits on loads,
+ * not on FMA latency. */
+static inline __attribute__((always_inline)) void rows_pass(const float *x, int mt, int K, const uint8_t *blk,
+                                                            const int *masks, int nv, float centre,
+                                                            const uint32_t *sz_rows, long sz_group_stride, int group,
+                                                            const float *xsum, int n_groups, float *out[MT_MAX]) {
+    const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int sets = 8 / (mt * nv) >= 2 ? 2 : 1;
+    const __m256 centre_v = _mm256_set1_ps(centre);
+    /* Group results add up in `out` itself (L1), not in registers: the column loop needs all 16. */
+    for (int m = 0; m < mt; m++)
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(out[m] + v * 8, _mm256_setzero_ps());
+
+    for (int g = 0; g < n_groups; g++) {
+        __m256 acc[2][MT_MAX][NV_MAX];
+        for (int t = 0; t < sets; t++)
+            for (int m = 0; m < mt; m++)
+                for (int v = 0; v < nv; v++) acc[t][m][v] = _mm256_setzero_ps();
+        const int k0 = g * group;
+        for (int k = k0; k < k0 + group; k += 2) { /* group sizes are even */
+            column(x, mt, K, k, blk, masks, nv, acc[0]);
+            column(x, mt, K, k + 1, blk, masks, nv, acc[sets - 1]);
+        }
+        if (sets == 2)
+            for (int m = 0; m < mt; m++)
+                for (int v = 0; v < nv; v++) acc[0][m][v] = _mm256_add_ps(acc[0][m][v], acc[1][m][v]);
+        const uint32_t *sz = sz_rows + (long)g * sz_group_stride;
+        for (int v = 0; v < nv; v++) {
+            /* little endian: a (s, z) bf16 pair is one uint32 with s in the low half */
+            __m256i pair = _mm256_loadu_si256((const __m256i *)(sz + v * 8));
+            __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+            __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
+            const int mask = masks[v / 2];
+            const __m256 unshift = _mm256_set1_ps(1.0f / (float)(mask & -mask)); /* 1 / the mask's lowest bit */
+            for (int m = 0; m < mt; m++) {
+                __m256 xs = _mm256_set1_ps(xsum[m * n_groups + g]);
+                __m256 centred = _mm256_fmsub_ps(acc[0][m][v], unshift, _mm256_mul_ps(centre_v, xs)); /* sum code x - centre X_g */
+                __m256 total = _mm256_fmadd_ps(s, centred, _mm256_loadu_ps(out[m] + v * 8));
+                _mm256_storeu_ps(out[m] + v * 8, _mm256_fmadd_ps(z, xs, total));
+            }
+        }
+    }
+}
+
+/* Masks of a 32-row block: rows 0-15 (low), rows 16-31 (high); for 2-bit, per half of the 64-row tile. */
+static const int MASKS_4BIT[2] = {0x0F, 0xF0};
+static const int MASKS_2BIT_HALF[2][2] = {{0x03, 0x30}, {0x0C, 0xC0}};
+/* A whole 2-bit tile in one pass (M = 1): rows 0-15, 16-31, 32-47, 48-63. */
+static const int MASKS_2BIT_TILE[4] = {0x03, 0x30, 0x0C, 0xC0};
+
+/* One 32-row block for mt <= 2 rows of x; called with constant masks, so each call site is specialised. */
+static inline __attribute__((always_inline)) void block(const float *x, int mt, int K, const uint8_t *blk,
+                                                        const int *masks, float centre, const uint32_t *sz_rows,
+                                                        int n_pad, int group, const float *xsum, int n_groups,
+                                                        float *out[MT_MAX]) {
+    if (mt == 2)
+        rows_pass(x, 2, K, blk, masks, 4, centre, sz_rows, n_pad, group, xsum, n_groups, out);
+    else
+        rows_pass(x, 1, K, blk, masks, 4, centre, sz_rows, n_pad, group, xsum, n_groups, out);
+}
+
+/* x: float [M, K]; packed: 4-bit uint8 [n_pad / 32, K, 16] or 2-bit uint8 [n_pad / 64, K, 16];
+ * sz: bf16 pairs [K / group, n_pad]; y: float [M, n_pad]; xsum: float scratch [M, K / group]. */
+void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const uint32_t *sz, int n_pad, int group,
+            float *xsum, float *y) {
+    const int n_groups = K / group, n_tiles = n_pad / 64;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < n_groups; g++) {
+            float s = 0.0f;
+            for (int k = g * group; k < (g + 1) * group; k++) s += x[(long)m * K + k];
+            xsum[m * n_groups + g] = s;
+        }
+#pragma omp parallel for schedule(static) if ((long)n_tiles * K >= 32768)
+    for (int t = 0; t < n_tiles; t++) {
+        const uint8_t *tile = packed + (long)t * (bits == 4 ? 2 : 1) * K * 16;
+        const uint32_t *sz_tile = sz + (long)t * 64;
+        float *y_tile = y + (long)t * 64;
+        for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+            const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+            const float *xm = x + (long)m0 * K, *xs = xsum + m0 * n_groups;
+            float *out[2][MT_MAX]; /* per 32-row half of the tile */
+            for (int h = 0; h < 2; h++)
+                for (int m = 0; m < mt; m++) out[h][m] = y_tile + (long)(m0 + m) * n_pad + h * 32;
+            if (bits == 4) {
+                block(xm, mt, K, tile, MASKS_4BIT, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
+                block(xm, mt, K, tile + (long)K * 16, MASKS_4BIT, 8.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
+            } else if (mt == 1) { /* 8 vectors share each column's two byte loads */
+                rows_pass(xm, 1, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
+            } else {
+                block(xm, mt, K, tile, MASKS_2BIT_HALF[0], 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
+                block(xm, mt, K, tile, MASKS_2BIT_HALF[1], 2.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
+            }
+        }
+    }
+}
