@@ -1,18 +1,17 @@
 /* Batch-1..8 GEMV over 4-bit (int4pack, AVX2) and 2-bit tiles: y[m, n] = sum_k x[m, k] * w[n, k].
  *
- * Weights are the prepared CPU forms of offload.kernels.cpu (FORMAT.md), read in blocks of 32 rows:
- *   4-bit: for every column k 16 bytes, byte j = row j (bits 0-3) | row 16 + j (bits 4-7); block b at b*K*16.
- *   2-bit: the stored 64-row tiles, byte j = rows j, 32 + j, 16 + j, 48 + j at bits 0, 2, 4, 6; block b is
- *          half b % 2 of tile b / 2: rows j and 16 + j (bits 0-1, 4-5) or 32 + j and 48 + j (bits 2-3, 6-7).
+ * Weights are the prepared CPU forms of offload.kernels.cpu (FORMAT.md), in tiles of 64 rows:
+ *   4-bit: two 32-row blocks; for every column k 16 bytes, byte j = row j (bits 0-3) | row 16 + j (bits 4-7).
+ *   2-bit: for every column k 16 bytes, byte j = rows j, 32 + j, 16 + j, 48 + j at bits 0, 2, 4, 6.
  * Per group of `group` columns a bf16 pair (scale s, offset z) per row, [K / group, n_pad, 2], with
  * w = (code - centre) * s + z (centre 8 for 4-bit nibbles, 2 for 2-bit codes).
  *
  * Why by hand: torch's _weight_int4pack_mm_for_cpu reaches ~20% of the streaming-read roofline at M = 1
- * on AVX2, and has no 2-bit form. Each block walks its columns once: a column's 16 bytes become 32 floats
- * by one mask and one convert per 8 rows, with no shift: a code masked in place is code * 2^shift, and that
- * power of two is divided out once per group. The floats meet x[k] in four FMAs; scale and offset are
- * applied once per group: sum_k w x = s * (sum_k code x - centre X_g) + z X_g, X_g the group's sum of x.
- * Rows are split across OpenMP threads (torch's own libgomp, so the pools are shared), one block per
+ * on AVX2, and has no 2-bit form. Each pass walks its columns once: a column's 16 bytes become 8-row float
+ * vectors by one mask and one convert each, with no shift: a code masked in place is code * 2^shift, and
+ * that power of two is divided out once per group. The vectors meet x[k] in one FMA each; scale and offset
+ * are applied once per group: sum_k w x = s * (sum_k code x - centre X_g) + z X_g, X_g the group's sum of x.
+ * Tiles are split across OpenMP threads (torch's own libgomp, so the pools are shared), one tile per
  * thread at a time, so the result does not depend on the thread count.
  */
 #include <immintrin.h>
@@ -83,10 +82,9 @@ static inline __attribute__((always_inline)) void rows_pass(const float *x, int 
     }
 }
 
-/* Masks of a 32-row block: rows 0-15 (low), rows 16-31 (high); for 2-bit, per half of the 64-row tile. */
+/* Masks of a 4-bit 32-row block: rows 0-15 (low), rows 16-31 (high). */
 static const int MASKS_4BIT[2] = {0x0F, 0xF0};
-static const int MASKS_2BIT_HALF[2][2] = {{0x03, 0x30}, {0x0C, 0xC0}};
-/* A whole 2-bit tile in one pass (M = 1): rows 0-15, 16-31, 32-47, 48-63. */
+/* A whole 2-bit tile in one pass: rows 0-15, 16-31, 32-47, 48-63. */
 static const int MASKS_2BIT_TILE[4] = {0x03, 0x30, 0x0C, 0xC0};
 
 /* One 32-row block for mt <= 2 rows of x; called with constant masks, so each call site is specialised. */
@@ -125,11 +123,12 @@ void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const
             if (bits == 4) {
                 block(xm, mt, K, tile, MASKS_4BIT, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
                 block(xm, mt, K, tile + (long)K * 16, MASKS_4BIT, 8.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
-            } else if (mt == 1) { /* 8 vectors share each column's two byte loads */
-                rows_pass(xm, 1, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
-            } else {
-                block(xm, mt, K, tile, MASKS_2BIT_HALF[0], 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
-                block(xm, mt, K, tile, MASKS_2BIT_HALF[1], 2.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
+            } else { /* a whole 2-bit tile per pass: 8 vectors share each column's two byte loads; at mt = 2
+                      * the 16 accumulators spill a few to L1, still well ahead of two passes over the bytes */
+                if (mt == 2)
+                    rows_pass(xm, 2, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
+                else
+                    rows_pass(xm, 1, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
             }
         }
     }
