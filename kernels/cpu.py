@@ -30,7 +30,10 @@ def _offset(bits: int) -> int:
     return 8 - 2 ** (bits - 1)
 
 
-def supports_int4pack(qt: QuantizedTensor) -> bool:
+def supports_tiles(qt: QuantizedTensor) -> bool:
+    """Can `to_tiles` prepare it: HQQ axis=1 at torch's int4pack group sizes, or MXFP4 where our GEMV runs."""
+    if qt.fmt == "mxfp4":
+        return _native()
     return qt.fmt == "hqq" and qt.params["axis"] == 1 and qt.params["group_size"] in INT4_GROUPS
 
 
@@ -49,22 +52,28 @@ def _native() -> bool:
 
 @dataclass
 class TileWeight:
-    """Prepared form: code tiles + bf16 (scale, offset) pairs [K/g, N_pad, 2], w = (code - 2^(bits-1)) * s + z'.
+    """Prepared form: code tiles + bf16 (scale, offset) pairs [K/g, N_pad, 2].
 
-    bits 4: int4pack nibbles [N_pad, K/2] (4-bit, and 3-bit converted at prepare). bits 2: the stored 2-bit
-    tiles [N_pad/64, K, 16], which our GEMV reads directly: half the bytes of nibbles in RAM and per call.
+    codes "int4": int4pack nibbles [N_pad, K/2] (HQQ 4-bit, and 3-bit converted at prepare), w = (code - 8) * s + z'.
+    codes "int2": the stored HQQ 2-bit tiles [N_pad/64, K, 16], w = (code - 2) * s + z'; our GEMV reads them
+    directly, half the bytes of nibbles in RAM and per call. codes "fp4": MXFP4's e2m1 codes in the int4pack
+    layout, w = 2 * value(code) * s with s = 2^(e - 128) per 32 columns; only our GEMV reads these.
     """
 
     packed: torch.Tensor
     scale_zeros: torch.Tensor
     group_size: int
     out_features: int
-    bits: int = 4
+    codes: str = "int4"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         a = x.reshape(-1, x.shape[-1])
-        if a.shape[0] <= native.MAX_ROWS and _native():
-            y = native.q_gemv(a.to(torch.float32).contiguous(), self.packed, self.bits, self.scale_zeros,
+        if self.codes == "fp4":  # no torch kernel takes FP4: larger inputs go through ours 8 rows at a time
+            a = a.to(torch.float32).contiguous()
+            y = torch.cat([native.q_gemv(a[i: i + native.MAX_ROWS], self.packed, self.codes, self.scale_zeros,
+                                         self.group_size) for i in range(0, a.shape[0], native.MAX_ROWS)])
+        elif a.shape[0] <= native.MAX_ROWS and _native():
+            y = native.q_gemv(a.to(torch.float32).contiguous(), self.packed, self.codes, self.scale_zeros,
                               self.group_size)
         else:
             y = self.matmul_int4pack(a)
@@ -72,10 +81,10 @@ class TileWeight:
 
     def nibbles(self) -> torch.Tensor:
         """int4pack bytes [N_pad, K/2] (2-bit tiles are converted: a GEMM reads each byte many times)."""
-        return self.packed if self.bits == 4 else _nibbles_from_tiles(self.packed, None, 2)
+        return self.packed if self.codes == "int4" else _nibbles_from_tiles(self.packed, None, 2)
 
     def matmul_int4pack(self, a: torch.Tensor) -> torch.Tensor:
-        """torch's kernel on a 2-D input (bf16 activations), [M, N_pad] bf16."""
+        """torch's kernel on a 2-D input (bf16 activations), [M, N_pad] bf16 (HQQ codes only)."""
         return torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), self.nibbles(), self.group_size,
                                                           self.scale_zeros)
 
@@ -98,29 +107,44 @@ def _nibbles_from_tiles(q: torch.Tensor, qhigh: torch.Tensor | None, bits: int) 
     return out.view(-1, k // 2)
 
 
-def _codes(qt: QuantizedTensor) -> tuple[torch.Tensor, int]:
-    """The tiles the prepared form keeps, and their bits: 2-bit tiles as stored when our GEMV reads
+def _codes(qt: QuantizedTensor) -> tuple[torch.Tensor, str]:
+    """The tiles the prepared form keeps, and their codes: 2-bit tiles as stored when our GEMV reads
     them, else int4pack bytes [N_pad, K/2]."""
     bits, k = qt.bits, qt.shape[1]
     q = qt.tensors["qweight"]
     if not _native_layout():
         codes = unpack_codes(qt.tensors, bits, k) + _offset(bits)
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1), 4
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1), "int4"
     if bits == 4:
-        return q.view(-1, k // 2), 4
+        return q.view(-1, k // 2), "int4"
     if bits == 2 and _native():
-        return q.view(-1, k, 16), 2
-    return _nibbles_from_tiles(q.view(-1, k, 16), qt.tensors.get("qhigh"), bits), 4
+        return q.view(-1, k, 16), "int2"
+    return _nibbles_from_tiles(q.view(-1, k, 16), qt.tensors.get("qhigh"), bits), "int4"
 
 
 def to_tiles(qt: QuantizedTensor) -> TileWeight:
-    """Prepare an HQQ axis=1 weight for our GEMV and torch's int4pack kernel (w = (nibble - 8) * s + z',
-    nibble = code + 8 - 2^(bits-1), so s and z' serve 2-bit codes as they are, too)."""
+    """Prepare an HQQ axis=1 or MXFP4 weight for our GEMV (and HQQ also for torch's int4pack kernel:
+    w = (nibble - 8) * s + z', nibble = code + 8 - 2^(bits-1), so s and z' serve 2-bit codes as they are)."""
+    if qt.fmt == "mxfp4":
+        return _fp4_tiles(qt)
     n, k = qt.shape
     g, bits = int(qt.params["group_size"]), qt.bits
-    packed, tile_bits = _codes(qt)
+    packed, tile_codes = _codes(qt)
     scale, zero = (t.view(n, k // g) for t in hqq_scale_zero(qt))
     sz = torch.zeros(k // g, padded_rows(n), 2, dtype=torch.bfloat16)
     sz[:, :n, 0] = scale.t()
     sz[:, :n, 1] = ((2.0 ** (bits - 1) - zero) * scale).t()
-    return TileWeight(packed, sz, g, n, tile_bits)
+    return TileWeight(packed, sz, g, n, tile_codes)
+
+
+def _fp4_tiles(qt: QuantizedTensor) -> TileWeight:
+    """MXFP4's codes regrouped into the int4pack tile layout (no value changes: the GEMV decodes e2m1 by
+    table, as 2 * value), its E8M0 scales as bf16 powers of two, halved to undo that 2."""
+    n, k = qt.shape
+    blocks, scales = qt.tensors["blocks"], qt.tensors["scales"]
+    nibbles = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).view(n, k)  # low nibble = even column
+    packed = pack_codes(nibbles, 4)["qweight"].view(-1, k // 2)
+    sz = torch.zeros(k // 32, padded_rows(n), 2, dtype=torch.bfloat16)
+    exponent = scales.t().to(torch.int32) - 128
+    sz[:, :n, 0] = torch.ldexp(torch.ones(exponent.shape), exponent).to(torch.bfloat16)
+    return TileWeight(packed, sz, 32, n, "fp4")

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 from offload.kernels.activations import ACTIVATIONS
-from offload.kernels.cpu import supports_int4pack, to_tiles
+from offload.kernels.cpu import supports_tiles, to_tiles
 from offload.quant.nf4 import nf4_state
 from offload.quant.tensor import QuantizedTensor
 
@@ -24,7 +24,7 @@ class Prepared(Protocol):
 
 @dataclass
 class DequantWeight:
-    """Fallback: dequantize, then a dense matmul (MXFP4 or HQQ axis=0 / group 16 on CPU)."""
+    """Fallback: dequantize, then a dense matmul (HQQ axis=0 / group 16 on CPU; MXFP4 without our GEMV)."""
 
     qt: QuantizedTensor
 
@@ -72,7 +72,7 @@ def prepare(w: QuantizedTensor, backend: str | None = None) -> Prepared:
         return NF4Weight(w)
     if backend == "triton":
         return TritonPrepared.from_quantized(w)
-    return to_tiles(w) if supports_int4pack(w) else DequantWeight(w)
+    return to_tiles(w) if supports_tiles(w) else DequantWeight(w)
 
 
 def qmatmul(x: torch.Tensor, w: QuantizedTensor | Prepared, bias: torch.Tensor | None = None,

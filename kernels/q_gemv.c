@@ -1,10 +1,11 @@
-/* Batch-1..8 GEMV over 4-bit (int4pack, AVX2) and 2-bit tiles: y[m, n] = sum_k x[m, k] * w[n, k].
+/* Batch-1..8 GEMV over 4-bit (int4pack, AVX2), 2-bit and FP4 (MXFP4) tiles: y[m, n] = sum_k x[m, k] * w[n, k].
  *
  * Weights are the prepared CPU forms of offload.kernels.cpu (FORMAT.md), in tiles of 64 rows:
  *   4-bit: two 32-row blocks; for every column k 16 bytes, byte j = row j (bits 0-3) | row 16 + j (bits 4-7).
  *   2-bit: for every column k 16 bytes, byte j = rows j, 32 + j, 16 + j, 48 + j at bits 0, 2, 4, 6.
+ *   FP4:   the 4-bit layout holding e2m1 codes (MXFP4); a 16-entry table turns them into 2 * value, exact int8.
  * Per group of `group` columns a bf16 pair (scale s, offset z) per row, [K / group, n_pad, 2], with
- * w = (code - centre) * s + z (centre 8 for 4-bit nibbles, 2 for 2-bit codes).
+ * w = (code - centre) * s + z (centre 8 for 4-bit nibbles, 2 for 2-bit codes; FP4: w = table[code] * s).
  *
  * Why by hand: torch's _weight_int4pack_mm_for_cpu reaches ~20% of the streaming-read roofline at M = 1
  * on AVX2, and has no 2-bit form. Each pass walks its columns once: a column's 16 bytes become 8-row float
@@ -22,14 +23,26 @@
 
 /* One column k of a pass: its 16 bytes (b0 = bytes 0-7, b1 = bytes 8-15, one row per byte) become nv
  * vectors of 8 floats, vector v = b[v % 2] & masks[v / 2], i.e. a code times the power of two its mask
- * starts at; they meet x[m, k] in nv FMAs per m. */
+ * starts at; or, with masks NULL (FP4, nv = 4), table[low nibbles] then table[high nibbles]. They meet
+ * x[m, k] in nv FMAs per m. */
 static inline __attribute__((always_inline)) void column(const float *x, int mt, int K, int k, const uint8_t *blk,
                                                          const int *masks, int nv, __m256 acc[MT_MAX][NV_MAX]) {
     const uint8_t *p = blk + (long)k * 16;
-    const __m256i b[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
-                          _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
     __m256 w[NV_MAX];
-    for (int v = 0; v < nv; v++) w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b[v % 2], _mm256_set1_epi32(masks[v / 2])));
+    if (!masks) {
+        const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        const __m128i nibble = _mm_set1_epi8(0x0F), raw = _mm_loadu_si128((const __m128i *)p);
+        const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(raw, nibble));                    /* rows 0-15 */
+        const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), nibble)); /* rows 16-31 */
+        w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low));
+        w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8)));
+        w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high));
+        w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
+    } else {
+        const __m256i b[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
+        for (int v = 0; v < nv; v++) w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b[v % 2], _mm256_set1_epi32(masks[v / 2])));
+    }
     for (int m = 0; m < mt; m++) {
         __m256 xv = _mm256_broadcast_ss(x + (long)m * K + k);
         for (int v = 0; v < nv; v++) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
@@ -70,7 +83,7 @@ static inline __attribute__((always_inline)) void rows_pass(const float *x, int 
             __m256i pair = _mm256_loadu_si256((const __m256i *)(sz + v * 8));
             __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
             __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
-            const int mask = masks[v / 2];
+            const int mask = masks ? masks[v / 2] : 1;
             const __m256 unshift = _mm256_set1_ps(1.0f / (float)(mask & -mask)); /* 1 / the mask's lowest bit */
             for (int m = 0; m < mt; m++) {
                 __m256 xs = _mm256_set1_ps(xsum[m * n_groups + g]);
@@ -87,7 +100,8 @@ static const int MASKS_4BIT[2] = {0x0F, 0xF0};
 /* A whole 2-bit tile in one pass: rows 0-15, 16-31, 32-47, 48-63. */
 static const int MASKS_2BIT_TILE[4] = {0x03, 0x30, 0x0C, 0xC0};
 
-/* One 32-row block for mt <= 2 rows of x; called with constant masks, so each call site is specialised. */
+/* One 32-row block for mt <= 2 rows of x; called with constant masks (NULL: FP4), so each call site is
+ * specialised. */
 static inline __attribute__((always_inline)) void block(const float *x, int mt, int K, const uint8_t *blk,
                                                         const int *masks, float centre, const uint32_t *sz_rows,
                                                         int n_pad, int group, const float *xsum, int n_groups,
@@ -98,9 +112,11 @@ static inline __attribute__((always_inline)) void block(const float *x, int mt, 
         rows_pass(x, 1, K, blk, masks, 4, centre, sz_rows, n_pad, group, xsum, n_groups, out);
 }
 
-/* x: float [M, K]; packed: 4-bit uint8 [n_pad / 32, K, 16] or 2-bit uint8 [n_pad / 64, K, 16];
+enum { FORMAT_INT4 = 0, FORMAT_INT2 = 1, FORMAT_FP4 = 2 }; /* offload.kernels.native.FORMATS */
+
+/* x: float [M, K]; packed: 4-bit or FP4 uint8 [n_pad / 32, K, 16], or 2-bit uint8 [n_pad / 64, K, 16];
  * sz: bf16 pairs [K / group, n_pad]; y: float [M, n_pad]; xsum: float scratch [M, K / group]. */
-void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const uint32_t *sz, int n_pad, int group,
+void q_gemv(const float *x, int M, int K, const uint8_t *packed, int format, const uint32_t *sz, int n_pad, int group,
             float *xsum, float *y) {
     const int n_groups = K / group, n_tiles = n_pad / 64;
     for (int m = 0; m < M; m++)
@@ -111,7 +127,7 @@ void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const
         }
 #pragma omp parallel for schedule(static) if ((long)n_tiles * K >= 32768)
     for (int t = 0; t < n_tiles; t++) {
-        const uint8_t *tile = packed + (long)t * (bits == 4 ? 2 : 1) * K * 16;
+        const uint8_t *tile = packed + (long)t * (format == FORMAT_INT2 ? 1 : 2) * K * 16;
         const uint32_t *sz_tile = sz + (long)t * 64;
         float *y_tile = y + (long)t * 64;
         for (int m0 = 0; m0 < M; m0 += MT_MAX) {
@@ -120,9 +136,12 @@ void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const
             float *out[2][MT_MAX]; /* per 32-row half of the tile */
             for (int h = 0; h < 2; h++)
                 for (int m = 0; m < mt; m++) out[h][m] = y_tile + (long)(m0 + m) * n_pad + h * 32;
-            if (bits == 4) {
+            if (format == FORMAT_INT4) {
                 block(xm, mt, K, tile, MASKS_4BIT, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
                 block(xm, mt, K, tile + (long)K * 16, MASKS_4BIT, 8.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
+            } else if (format == FORMAT_FP4) {
+                block(xm, mt, K, tile, 0, 0.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
+                block(xm, mt, K, tile + (long)K * 16, 0, 0.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
             } else { /* a whole 2-bit tile per pass: 8 vectors share each column's two byte loads; at mt = 2
                       * the 16 accumulators spill a few to L1, still well ahead of two passes over the bytes */
                 if (mt == 2)

@@ -5,18 +5,24 @@ import sys
 
 import pytest
 import torch
+from offload.bench.kernels import random_mxfp4
 from offload.kernels import native, prepare
 from offload.kernels.cpu import TileWeight
 from offload.quant import quantize
 from offload.quant.layout import unpack_codes
+from offload.quant.mxfp4 import FP4_VALUES
 
 
 def tiles_reference(p: TileWeight) -> torch.Tensor:
-    """The weight the prepared tiles encode, float64 [n_pad, K]: (code - 2^(bits-1)) * s + z per group."""
+    """The weight the prepared tiles encode, float64 [n_pad, K]: (code - 2^(bits-1)) * s + z per group, or
+    2 * e2m1(code) * s for FP4."""
     k = p.scale_zeros.shape[0] * p.group_size
-    codes = unpack_codes({"qweight": p.packed}, p.bits, k).double()
+    bits = 2 if p.codes == "int2" else 4
+    codes = unpack_codes({"qweight": p.packed}, bits, k)
     s, z = (p.scale_zeros[..., i].double().t().repeat_interleave(p.group_size, 1) for i in (0, 1))
-    return (codes - 2 ** (p.bits - 1)) * s + z
+    if p.codes == "fp4":
+        return 2 * torch.tensor(FP4_VALUES, dtype=torch.float64)[codes.long()] * s
+    return (codes.double() - 2 ** (bits - 1)) * s + z
 
 
 def test_builds_on_this_machine():
@@ -32,10 +38,24 @@ def test_gemv_matches_reference(bits, group, m):
     torch.manual_seed(bits * 1000 + group + m)
     p = prepare(quantize(torch.randn(96, 384), bits, group))  # 96 rows: a padded 32-row block
     x = torch.randn(m, 384)
-    assert p.bits == (2 if bits == 2 else 4)  # 2-bit tiles are read as stored; 3-bit ones become nibbles
-    y = native.q_gemv(x, p.packed, p.bits, p.scale_zeros, group)
+    assert p.codes == ("int2" if bits == 2 else "int4")  # 2-bit tiles are read as stored; 3-bit ones become nibbles
+    y = native.q_gemv(x, p.packed, p.codes, p.scale_zeros, group)
     ref = x.double() @ tiles_reference(p).t()
     assert y.shape == (m, 128)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+def test_mxfp4_matches_its_dequantized_weight(m):
+    """MXFP4 (gpt-oss experts) on the CPU: our GEMV on the e2m1 codes as they are, 8 rows per call beyond 8."""
+    qt = random_mxfp4((100, 320), seed=m)  # 100 rows: a padded 64-row tile
+    p = prepare(qt)
+    assert isinstance(p, TileWeight) and p.codes == "fp4"
+    x = torch.randn(m, 320)
+    ref = x.double() @ qt.dequantize(torch.float64).t()
+    assert torch.equal(tiles_reference(p)[:100], qt.dequantize(torch.float64))  # the tiles hold the same weight
+    y = p.matmul(x)
+    assert y.shape == (m, 100)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
@@ -61,9 +81,9 @@ def test_result_does_not_depend_on_thread_count(bits):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.q_gemv(x, p.packed, p.bits, p.scale_zeros, 64)
+        one = native.q_gemv(x, p.packed, p.codes, p.scale_zeros, 64)
         torch.set_num_threads(2)
-        two = native.q_gemv(x, p.packed, p.bits, p.scale_zeros, 64)
+        two = native.q_gemv(x, p.packed, p.codes, p.scale_zeros, 64)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -74,12 +94,16 @@ import logging, torch
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from offload.kernels import native, prepare
 from offload.quant import quantize
+from offload.quant.mxfp4 import from_mxfp4
 torch.manual_seed(0)
 x = torch.randn(1, 128)
 same = []
 for bits in (4, 2):
     p = prepare(quantize(torch.randn(64, 128), bits, 32))
-    same.append(p.bits == 4 and torch.equal(p.matmul(x), p.matmul_int4pack(x)[:, :64].float()))
+    same.append(p.codes == "int4" and torch.equal(p.matmul(x), p.matmul_int4pack(x)[:, :64].float()))
+blocks = torch.randint(0, 256, (64, 4, 16), dtype=torch.uint8)
+fp4 = from_mxfp4(blocks, torch.full((64, 4), 127, dtype=torch.uint8))
+same.append(torch.equal(prepare(fp4).matmul(x), x @ fp4.dequantize(torch.float32).t()))  # dequantizes
 print("library", native.library() is not None, "torch kernel", all(same))
 """
 

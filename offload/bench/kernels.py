@@ -16,6 +16,7 @@ from offload.kernels import prepare, qmatmul
 from offload.kernels.cpu import TileWeight
 from offload.quant import PRESETS, QuantizedTensor, hqq_reference, quantize
 from offload.quant.layout import padded_rows
+from offload.quant.mxfp4 import from_mxfp4
 
 SHAPE = (4096, 14336)
 HQQ_SETTINGS = {2: 32, 3: 64, 4: 64}  # bits -> group size, as in the presets
@@ -52,6 +53,14 @@ def random_hqq(bits: int, group: int, shape: tuple[int, int]) -> QuantizedTensor
         t[f"{m}_affine"] = torch.rand(-(-groups // 128), 2) * 1e-3
     return QuantizedTensor("hqq", shape, {"bits": bits, "group_size": group, "axis": 1, "meta_bits": 8,
                                           "meta_group": 128}, t)
+
+
+def random_mxfp4(shape: tuple[int, int], seed: int = 0) -> QuantizedTensor:
+    """An MXFP4 weight (gpt-oss experts' format) with random codes and scales near 1."""
+    n, k = shape
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, k // 32, 16), generator=g, dtype=torch.uint8)
+    return from_mxfp4(blocks, torch.randint(118, 130, (n, k // 32), generator=g, dtype=torch.uint8))
 
 
 def _copies(nbytes: int, rotate: int) -> int:
@@ -105,6 +114,11 @@ def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict
             add("torch-int4pack-4bit", lambda p: p.matmul_int4pack(x), prepared, read, stored.nbytes)
         raw = [random_hqq(bits, g, shape) for _ in range(_copies(stored.nbytes, rotate))]
         add(f"ours-hqq{bits}-g{g}-unprepared", lambda q: qmatmul(x, q), raw, stored.nbytes, stored.nbytes)
+    stored = random_mxfp4(shape)
+    prepared = [prepare(random_mxfp4(shape, seed)) for seed in range(_copies(stored.nbytes, rotate))]
+    if isinstance(prepared[0], TileWeight):  # our GEMV on the e2m1 codes (gpt-oss experts)
+        read = prepared[0].packed.numel() + prepared[0].scale_zeros.numel() * 2
+        add("ours-mxfp4", lambda p: p.matmul(x), prepared, read, stored.nbytes)
     passes: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(runs + 1):  # round 0 warms up
         for name, (fn, items) in cases.items():
