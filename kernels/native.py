@@ -23,7 +23,6 @@ import torch
 SOURCE = Path(__file__).with_name("q_gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # x rows (tokens) per call; larger batches are GEMMs, where torch's int4pack kernel is good
-FORMATS = {"int4": 0, "int2": 1, "fp4": 2}  # the tile formats q_gemv.c reads (its FORMAT_* enum)
 log = logging.getLogger(__name__)
 
 
@@ -70,17 +69,23 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.q_gemv.argtypes = (p, i, i, p, i, p, i, i, p, p)
     lib.q_gemv.restype = None
+    lib.fp4_gemv.argtypes = (p, i, i, p, p, i, i, p, p)
+    lib.fp4_gemv.restype = None
     return lib
 
 
 def q_gemv(x: torch.Tensor, packed: torch.Tensor, codes: str, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x float32 [M <= MAX_ROWS, K] (contiguous) -> float32 [M, n_pad]; packed (tiles of `codes`, one of
-    FORMATS) and scale_zeros as in offload.kernels.cpu.TileWeight."""
+    """x float32 [M <= MAX_ROWS, K] (contiguous) -> float32 [M, n_pad]; packed (tiles of `codes`: "int4",
+    "int2" or "fp4") and scale_zeros as in offload.kernels.cpu.TileWeight."""
     lib = library()
     m, k = x.shape
     n_pad = scale_zeros.shape[1]
     y = torch.empty(m, n_pad, dtype=torch.float32)
     xsum = torch.empty(m, k // group_size, dtype=torch.float32)
-    lib.q_gemv(x.data_ptr(), m, k, packed.data_ptr(), FORMATS[codes], scale_zeros.data_ptr(), n_pad, group_size,
-                xsum.data_ptr(), y.data_ptr())
+    if codes == "fp4":
+        lib.fp4_gemv(x.data_ptr(), m, k, packed.data_ptr(), scale_zeros.data_ptr(), n_pad, group_size,
+                     xsum.data_ptr(), y.data_ptr())
+    else:
+        lib.q_gemv(x.data_ptr(), m, k, packed.data_ptr(), 2 if codes == "int2" else 4, scale_zeros.data_ptr(),
+                   n_pad, group_size, xsum.data_ptr(), y.data_ptr())
     return y

@@ -23,29 +23,35 @@
 
 /* One column k of a pass: its 16 bytes (b0 = bytes 0-7, b1 = bytes 8-15, one row per byte) become nv
  * vectors of 8 floats, vector v = b[v % 2] & masks[v / 2], i.e. a code times the power of two its mask
- * starts at; or, with masks NULL (FP4, nv = 4), table[low nibbles] then table[high nibbles]. They meet
- * x[m, k] in nv FMAs per m. */
+ * starts at; they meet x[m, k] in nv FMAs per m. */
 static inline __attribute__((always_inline)) void column(const float *x, int mt, int K, int k, const uint8_t *blk,
                                                          const int *masks, int nv, __m256 acc[MT_MAX][NV_MAX]) {
     const uint8_t *p = blk + (long)k * 16;
+    const __m256i b[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                          _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
     __m256 w[NV_MAX];
-    if (!masks) {
-        const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-        const __m128i nibble = _mm_set1_epi8(0x0F), raw = _mm_loadu_si128((const __m128i *)p);
-        const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(raw, nibble));                    /* rows 0-15 */
-        const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), nibble)); /* rows 16-31 */
-        w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low));
-        w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8)));
-        w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high));
-        w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
-    } else {
-        const __m256i b[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
-                              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
-        for (int v = 0; v < nv; v++) w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b[v % 2], _mm256_set1_epi32(masks[v / 2])));
-    }
+    for (int v = 0; v < nv; v++) w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b[v % 2], _mm256_set1_epi32(masks[v / 2])));
     for (int m = 0; m < mt; m++) {
         __m256 xv = _mm256_broadcast_ss(x + (long)m * K + k);
         for (int v = 0; v < nv; v++) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
+    }
+}
+
+/* The same for FP4 (4 vectors): the e2m1 codes of rows 0-15 (low nibbles) and 16-31 (high nibbles) become
+ * 2 * value through a 16-entry byte table, exact as int8. */
+static inline __attribute__((always_inline)) void column_fp4(const float *x, int mt, int K, int k, const uint8_t *blk,
+                                                             __m256 acc[MT_MAX][NV_MAX]) {
+    const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i nibble = _mm_set1_epi8(0x0F), raw = _mm_loadu_si128((const __m128i *)(blk + (long)k * 16));
+    const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(raw, nibble));
+    const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), nibble));
+    const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8))),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)))};
+    for (int m = 0; m < mt; m++) {
+        __m256 xv = _mm256_broadcast_ss(x + (long)m * K + k);
+        for (int v = 0; v < 4; v++) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
     }
 }
 
@@ -71,8 +77,13 @@ static inline __attribute__((always_inline)) void rows_pass(const float *x, int 
                 for (int v = 0; v < nv; v++) acc[t][m][v] = _mm256_setzero_ps();
         const int k0 = g * group;
         for (int k = k0; k < k0 + group; k += 2) { /* group sizes are even */
-            column(x, mt, K, k, blk, masks, nv, acc[0]);
-            column(x, mt, K, k + 1, blk, masks, nv, acc[sets - 1]);
+            if (masks) {
+                column(x, mt, K, k, blk, masks, nv, acc[0]);
+                column(x, mt, K, k + 1, blk, masks, nv, acc[sets - 1]);
+            } else {
+                column_fp4(x, mt, K, k, blk, acc[0]);
+                column_fp4(x, mt, K, k + 1, blk, acc[sets - 1]);
+            }
         }
         if (sets == 2)
             for (int m = 0; m < mt; m++)
@@ -112,22 +123,26 @@ static inline __attribute__((always_inline)) void block(const float *x, int mt, 
         rows_pass(x, 1, K, blk, masks, 4, centre, sz_rows, n_pad, group, xsum, n_groups, out);
 }
 
-enum { FORMAT_INT4 = 0, FORMAT_INT2 = 1, FORMAT_FP4 = 2 }; /* offload.kernels.native.FORMATS */
-
-/* x: float [M, K]; packed: 4-bit or FP4 uint8 [n_pad / 32, K, 16], or 2-bit uint8 [n_pad / 64, K, 16];
- * sz: bf16 pairs [K / group, n_pad]; y: float [M, n_pad]; xsum: float scratch [M, K / group]. */
-void q_gemv(const float *x, int M, int K, const uint8_t *packed, int format, const uint32_t *sz, int n_pad, int group,
-            float *xsum, float *y) {
-    const int n_groups = K / group, n_tiles = n_pad / 64;
+/* Per-group sums of x, X_g = sum over the group's columns of x[m, k]: [M, K / group]. */
+static void group_sums(const float *x, int M, int K, int group, float *xsum) {
+    const int n_groups = K / group;
     for (int m = 0; m < M; m++)
         for (int g = 0; g < n_groups; g++) {
             float s = 0.0f;
             for (int k = g * group; k < (g + 1) * group; k++) s += x[(long)m * K + k];
             xsum[m * n_groups + g] = s;
         }
+}
+
+/* x: float [M, K]; packed: 4-bit uint8 [n_pad / 32, K, 16] or 2-bit uint8 [n_pad / 64, K, 16];
+ * sz: bf16 pairs [K / group, n_pad]; y: float [M, n_pad]; xsum: float scratch [M, K / group]. */
+void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const uint32_t *sz, int n_pad, int group,
+            float *xsum, float *y) {
+    const int n_groups = K / group, n_tiles = n_pad / 64;
+    group_sums(x, M, K, group, xsum);
 #pragma omp parallel for schedule(static) if ((long)n_tiles * K >= 32768)
     for (int t = 0; t < n_tiles; t++) {
-        const uint8_t *tile = packed + (long)t * (format == FORMAT_INT2 ? 1 : 2) * K * 16;
+        const uint8_t *tile = packed + (long)t * (bits == 4 ? 2 : 1) * K * 16;
         const uint32_t *sz_tile = sz + (long)t * 64;
         float *y_tile = y + (long)t * 64;
         for (int m0 = 0; m0 < M; m0 += MT_MAX) {
@@ -136,12 +151,9 @@ void q_gemv(const float *x, int M, int K, const uint8_t *packed, int format, con
             float *out[2][MT_MAX]; /* per 32-row half of the tile */
             for (int h = 0; h < 2; h++)
                 for (int m = 0; m < mt; m++) out[h][m] = y_tile + (long)(m0 + m) * n_pad + h * 32;
-            if (format == FORMAT_INT4) {
+            if (bits == 4) {
                 block(xm, mt, K, tile, MASKS_4BIT, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
                 block(xm, mt, K, tile + (long)K * 16, MASKS_4BIT, 8.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
-            } else if (format == FORMAT_FP4) {
-                block(xm, mt, K, tile, 0, 0.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
-                block(xm, mt, K, tile + (long)K * 16, 0, 0.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
             } else { /* a whole 2-bit tile per pass: 8 vectors share each column's two byte loads; at mt = 2
                       * the 16 accumulators spill a few to L1, still well ahead of two passes over the bytes */
                 if (mt == 2)
@@ -149,6 +161,24 @@ void q_gemv(const float *x, int M, int K, const uint8_t *packed, int format, con
                 else
                     rows_pass(xm, 1, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
             }
+        }
+    }
+}
+
+/* The same over FP4 tiles (4-bit layout; MXFP4's 32-column groups, z = 0). A function of its own: sharing
+ * q_gemv's body changed how the compiler allocated registers in the 2-bit pass (10% slower). */
+void fp4_gemv(const float *x, int M, int K, const uint8_t *packed, const uint32_t *sz, int n_pad, int group,
+              float *xsum, float *y) {
+    const int n_groups = K / group, n_blocks = n_pad / 32;
+    group_sums(x, M, K, group, xsum);
+#pragma omp parallel for schedule(static) if ((long)n_blocks * K >= 65536)
+    for (int b = 0; b < n_blocks; b++) {
+        for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+            const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+            float *out[MT_MAX];
+            for (int m = 0; m < mt; m++) out[m] = y + (long)(m0 + m) * n_pad + (long)b * 32;
+            block(x + (long)m0 * K, mt, K, packed + (long)b * K * 16, 0, 0.0f, sz + (long)b * 32, n_pad, group,
+                  xsum + m0 * n_groups, n_groups, out);
         }
     }
 }
