@@ -68,11 +68,7 @@ class TileWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         a = x.reshape(-1, x.shape[-1])
-        if self.codes == "fp4":  # no torch kernel takes FP4: larger inputs go through ours 8 rows at a time
-            a = a.to(torch.float32).contiguous()
-            y = torch.cat([native.q_gemv(a[i: i + native.MAX_ROWS], self.packed, self.codes, self.scale_zeros,
-                                         self.group_size) for i in range(0, a.shape[0], native.MAX_ROWS)])
-        elif a.shape[0] <= native.MAX_ROWS and _native():
+        if self.codes == "fp4" or (a.shape[0] <= native.MAX_ROWS and _native()):  # no torch kernel takes FP4
             y = native.q_gemv(a.to(torch.float32).contiguous(), self.packed, self.codes, self.scale_zeros,
                               self.group_size)
         else:

@@ -75,8 +75,9 @@ def library() -> ctypes.CDLL | None:
 
 
 def q_gemv(x: torch.Tensor, packed: torch.Tensor, codes: str, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x float32 [M <= MAX_ROWS, K] (contiguous) -> float32 [M, n_pad]; packed (tiles of `codes`: "int4",
-    "int2" or "fp4") and scale_zeros as in offload.kernels.cpu.TileWeight."""
+    """x float32 [M, K] (contiguous) -> float32 [M, n_pad]; packed (tiles of `codes`: "int4", "int2" or "fp4")
+    and scale_zeros as in offload.kernels.cpu.TileWeight. Any M works (two rows per pass over the weight);
+    beyond MAX_ROWS, torch's int4pack GEMM is faster where it applies."""
     lib = library()
     m, k = x.shape
     n_pad = scale_zeros.shape[1]

@@ -47,7 +47,7 @@ def test_gemv_matches_reference(bits, group, m):
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
 def test_mxfp4_matches_its_dequantized_weight(m):
-    """MXFP4 (gpt-oss experts) on the CPU: our GEMV on the e2m1 codes as they are, 8 rows per call beyond 8."""
+    """MXFP4 (gpt-oss experts) on the CPU: our GEMV on the e2m1 codes as they are, at any number of rows."""
     qt = random_mxfp4((100, 320), seed=m)  # 100 rows: a padded 64-row tile
     p = prepare(qt)
     assert isinstance(p, TileWeight) and p.codes == "fp4"
