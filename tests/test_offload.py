@@ -80,3 +80,25 @@ def test_prefetch_from_layer_output_changes_nothing(tmp_path):
     assert torch.equal(model.generate(ids, max_new_tokens=16), offload.load(tmp_path).generate(ids, max_new_tokens=16))
     stats = model.stats()
     assert stats["prefetch_issued"] > 0 and stats["prefetch_used"] > 0 and stats["prediction_recall"] > 0
+
+
+def test_lookup_policy_reads_the_engines_routing(tmp_path):
+    """The engine records each decoded token's routing, every layer in one row, as the trace recorder
+    sees it; the lookup policy reading it changes no output."""
+    from hf_tiny import save_tiny
+
+    from offload.engine.trace import read_trace
+
+    save_tiny("qwen3_moe", tmp_path / "m")
+    trace = tmp_path / "routing.jsonl"
+    model = offload.load(tmp_path / "m", cache_experts=2, policy="lookup", record_trace=trace)
+    prompt = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, max_new_tokens=24)
+    assert torch.equal(out, offload.load(tmp_path / "m").generate(prompt, max_new_tokens=24))
+    history = model.decoder.experts.history
+    rows = read_trace(trace)
+    tokens = max(r.token for r in rows) + 1
+    assert history.tokens == tokens
+    for r in rows:
+        assert history.routed(tokens - 1 - r.token, r.layer) == r.experts, r
+    assert model.stats()["hits"] > 0

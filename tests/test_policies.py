@@ -22,6 +22,7 @@ from offload.engine.policies import (
     make_policy,
     register_policy,
 )
+from offload.engine.routing_history import RoutingHistory
 from offload.engine.trace import TraceRow, TraceWriter
 
 
@@ -94,6 +95,9 @@ class Tracking(policies.EvictionPolicy):
         self.inner, self.capacity = make_policy(inner), slots
         self.resident: set[int] = set()
         self.current: tuple[int, ...] = ()
+
+    def attach(self, history: RoutingHistory, layer: int) -> None:
+        self.inner.attach(history, layer)
 
     def observe_routing(self, step: int, experts: Sequence[int], weights: Sequence[float]) -> None:
         self.current = tuple(experts)
@@ -261,3 +265,127 @@ def test_profile_warms_policies_on_other_files_only(tmp_path, capsys: pytest.Cap
     assert result["files"][a]["context"]["hits"] == warmed.hits  # a is warmed on b, never on itself
     with pytest.raises(ValueError, match="at least two"):
         run([a], "context", 4, profile="others")
+
+
+class HistoryReference:
+    """RoutingHistory's definition, spelled out over plain rows (layer -> expert set, None = unknown)."""
+
+    def __init__(self, top_k: int, window: int) -> None:
+        self.top_k, self.window = top_k, window
+        self.rows: list[dict[int, frozenset[int] | None]] = []
+        self.token: int | None = None
+
+    def record(self, token: int, layer: int, experts: Sequence[int]) -> None:
+        if self.token is None or token > self.token:
+            if len(self.rows) == self.window:
+                self.rows = self.rows[-(self.window // 2):]
+            self.rows.append({})
+            self.token = token
+        row = self.rows[-1]
+        row[layer] = None if layer in row or len(experts) > self.top_k else frozenset(experts)
+
+    def continuation(self, layer: int, experts: Sequence[int], horizon: int, sharpness: float):
+        rows, t = self.rows, len(self.rows) - 1
+        weights, best = [], 0.0
+        for s in range(1, t - 1):
+            pairs = [(rows[s - 1], rows[t - 1]), (rows[s], rows[t])]
+            known = [(a[c], b[c]) for a, b in pairs for c in set(a) & set(b) if a[c] is not None and b[c] is not None]
+            similarity = sum(x == y for x, y in known) / len(known) if known else 0.0
+            after = [rows[min(s + h, t - 1)].get(layer) for h in range(1, horizon + 1)]
+            after = [a for a in after if a is not None]
+            if after:
+                weights.append((similarity ** sharpness, frozenset().union(*after)))
+                best = max(best, similarity)
+        total = sum(w for w, _ in weights)
+        if total <= 0:
+            return 0.0, [0.0] * len(experts)
+        return best, [sum(w for w, f in weights if e in f) / total for e in experts]
+
+
+decisions = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1,
+                                                                              max_size=3, unique=True)),
+                     min_size=1, max_size=80)
+
+
+@settings(max_examples=60, deadline=None)
+@given(decisions=decisions, window=st.integers(4, 12), horizon=st.integers(1, 3),
+       sharpness=st.sampled_from([1.0, 4.0]))
+def test_routing_history_matches_its_definition(decisions, window, horizon, sharpness) -> None:
+    """Token gaps, missing and repeated cells, decisions wider than top-k, and the window's trimming:
+    the incremental similarities give exactly what the definition computes from scratch."""
+    history, reference = RoutingHistory([0, 1, 2], top_k=2, window=window), HistoryReference(2, window)
+    token = 0
+    for step, layer, experts in decisions:
+        token += step
+        history.record(token, layer, experts)
+        reference.record(token, layer, experts)
+        for query in range(3):
+            got = history.continuation(query, [0, 1, 2, 3, 4, 5], horizon, sharpness)
+            want = reference.continuation(query, [0, 1, 2, 3, 4, 5], horizon, sharpness)
+            assert got[0] == pytest.approx(want[0]) and got[1] == pytest.approx(want[1])
+    assert history.tokens == len(reference.rows)
+    for back in range(len(reference.rows)):
+        for layer in range(3):
+            cell = reference.rows[-1 - back].get(layer)
+            assert (None if cell is None else frozenset(history.routed(back, layer))) == cell
+    with pytest.raises(ValueError, match="must not decrease"):
+        history.record(token - 1, 0, [1])
+
+
+def repeated_text(seed: int, phrase: int = 12, repeats: int = 5, layers: int = 4) -> list[TraceRow]:
+    """A phrase of tokens said again and again, as generated code repeats itself: each token routes the
+    same way every time it comes (experts drawn at random per token and layer), with a random token
+    between repeats."""
+    rng = random.Random(seed)
+    routing = {tok: [tuple(rng.sample(range(8), 2)) for _ in range(layers)] for tok in range(40)}
+    words = rng.sample(range(30), phrase)
+    text = [w for _ in range(repeats) for w in [*words, rng.randrange(30, 40)]]
+    return [TraceRow(0, t, layer, routing[w][layer], (0.6, 0.4)) for t, w in enumerate(text) for layer in range(layers)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lookup_gains_on_repeated_text_in_replay(seed: int) -> None:
+    """The replay gives every layer's policy the seq's routing history: on repeated text the lookup beats
+    the affinity estimate it falls back to (without the history it would equal it) and LRU."""
+    rows = repeated_text(seed)
+    lookup, affinity, lru = (simulate(rows, name, 4).hit_rate for name in ("lookup", "affinity", "lru"))
+    assert lookup > affinity + 0.02 and lookup > lru + 0.05, (lookup, affinity, lru)
+
+
+def test_lookup_tells_apart_by_the_other_layers() -> None:
+    """Layer 0 routes A and B alike, and then X alike, yet X is followed by P after A and by Q after B.
+    Only layer 1 (where A and B differ) tells which: the lookup keeps the right expert, layer-local
+    estimates cannot tell the two cases apart."""
+    route = {"A": (1, 2), "B": (1, 3), "X": (4, 4), "P": (5, 5), "Q": (6, 6), "F": (7, 7)}  # layer 0, layer 1
+    text = "AXPFBXQF" * 5
+    affinity_victims = set()
+    for before, keep, drop in (("A", 5, 6), ("B", 6, 5)):
+        history = RoutingHistory([0, 1], top_k=1)
+        lookup, affinity = make_policy("lookup"), make_policy("affinity")
+        lookup.attach(history, 0)
+        for t, word in enumerate(text + before + "X"):
+            history.record(t, 0, [route[word][0]])
+            for p in (lookup, affinity):
+                p.observe_routing(t, [route[word][0]], [1.0])
+                p.on_access(route[word][0], t)
+            if t < len(text) + 1:
+                history.record(t, 1, [route[word][1]])
+        assert lookup.choose_victim([keep, drop]) == drop
+        affinity_victims.add(affinity.choose_victim([5, 6]))
+    assert len(affinity_victims) == 1  # layer 0's own history is the same in both cases
+
+
+def test_lookup_without_a_history_is_affinity() -> None:
+    rows = synthetic_rows(seed=5, layers=1)
+    steps = [r.experts for r in rows]
+    lookup, affinity = make_policy("lookup"), make_policy("affinity")
+    for t, experts in enumerate(steps):
+        lookup.observe_routing(t, experts, [])
+        affinity.observe_routing(t, experts, [])
+        for e in experts:
+            lookup.on_access(e, t)
+            affinity.on_access(e, t)
+        candidates = [e for e in range(8) if e not in experts]
+        assert lookup.choose_victim(candidates) == affinity.choose_victim(candidates)
+    with pytest.raises(ValueError, match="sharpness > 0"):
+        make_policy("lookup", sharpness=0)

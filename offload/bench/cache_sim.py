@@ -1,9 +1,10 @@
 """Replay routing traces against expert-cache eviction policies (offline benchmark).
 
-Each (seq, layer) is its own cache of `capacity` slots, cold at the start of a seq;
-each selected expert of a router decision is one access; a miss always loads the
-expert (demand paging), evicting a resident that the same decision does not use when
-there is one. Belady's offline optimum is reported as the ceiling.
+Each (seq, layer) is its own cache of `capacity` slots, cold at the start of a seq; each selected
+expert of a router decision is one access; a miss always loads the expert (demand paging), evicting a
+resident that the same decision does not use when there is one. Belady's offline optimum is reported
+as the ceiling. A seq's rows are replayed in trace order, all layers interleaved as the engine meets
+them, with one RoutingHistory (empty at each seq) that every layer's policy may read.
 
 By default every (seq, layer) also gets a fresh policy. With a profile (other trace
 files) each layer's policy first sees that routing (`policies.warm`), as an engine that
@@ -15,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offload.engine.policies import POLICIES, EvictionPolicy, belady_misses, make_policy, warm
+from offload.engine.policies import (
+    POLICIES,
+    EvictionPolicy,
+    belady_misses,
+    make_policy,
+    warm,
+)
+from offload.engine.routing_history import RoutingHistory
 from offload.engine.trace import TraceRow, read_trace
 
 BELADY = "belady"
@@ -52,17 +60,25 @@ def _streams(rows: Iterable[TraceRow]) -> dict[tuple[int, int], list[TraceRow]]:
     return streams
 
 
-def _replay(stream: Sequence[TraceRow], policy: EvictionPolicy, capacity: int) -> int:
-    """Hits of one layer's cache; step = index of the router decision in the stream."""
-    resident: dict[int, None] = {}
-    hits = 0
-    for step, row in enumerate(stream):
+class _LayerCache:
+    """One layer's cache in a replay: resident experts and the policy that picks victims."""
+
+    def __init__(self, policy: EvictionPolicy, capacity: int) -> None:
+        self.policy, self.capacity = policy, capacity
+        self.resident: dict[int, None] = {}
+        self.step = 0  # index of the router decision in this layer's stream
+
+    def replay(self, row: TraceRow) -> int:
+        """Serve one router decision; returns its hits."""
+        policy, resident, step = self.policy, self.resident, self.step
+        self.step += 1
         policy.observe_routing(step, row.experts, row.probs)
+        hits = 0
         for expert in row.experts:
             if expert in resident:
                 hits += 1
             else:
-                if len(resident) >= capacity:
+                if len(resident) >= self.capacity:
                     candidates = [e for e in resident if e not in row.experts] or list(resident)
                     victim = policy.choose_victim(candidates)
                     if victim not in candidates:
@@ -72,7 +88,7 @@ def _replay(stream: Sequence[TraceRow], policy: EvictionPolicy, capacity: int) -
                 resident[expert] = None
                 policy.on_insert(expert)
             policy.on_access(expert, step)
-    return hits
+        return hits
 
 
 def _warmed(policy_name: str, profile_rows: Iterable[TraceRow], **kw: Any) -> dict[int, EvictionPolicy]:
@@ -90,16 +106,32 @@ def simulate(trace_rows: Iterable[TraceRow], policy_name: str, capacity: int,
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     warmed = _warmed(policy_name, profile_rows, **kw) if profile_rows is not None and policy_name != BELADY else {}
+    rows = list(trace_rows)
     per_layer: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
-    for (_, layer), stream in _streams(trace_rows).items():
+    hits_of: dict[tuple[int, int], int] = defaultdict(int)  # (seq, layer) -> hits
+    if policy_name == BELADY:
+        for key, stream in _streams(rows).items():
+            accesses = [e for r in stream for e in r.experts]
+            hits_of[key] = len(accesses) - belady_misses(accesses, capacity)
+    else:  # every seq in trace order, all layers interleaved, as the engine meets them
+        layers, top_k = sorted({r.layer for r in rows}), max((len(r.experts) for r in rows), default=1)
+        caches: dict[tuple[int, int], _LayerCache] = {}
+        histories: dict[int, RoutingHistory] = {}
+        for row in rows:
+            if row.seq not in histories:
+                histories[row.seq] = RoutingHistory(layers, top_k)
+            history = histories[row.seq]
+            cache = caches.get((row.seq, row.layer))
+            if cache is None:
+                policy = copy.deepcopy(warmed[row.layer]) if row.layer in warmed else make_policy(policy_name, **kw)
+                policy.attach(history, row.layer)
+                cache = caches[row.seq, row.layer] = _LayerCache(policy, capacity)
+            history.record(row.token, row.layer, row.experts)
+            hits_of[row.seq, row.layer] += cache.replay(row)
+    for (seq, layer), stream in _streams(rows).items():
         accesses = sum(len(r.experts) for r in stream)
-        if policy_name == BELADY:
-            hits = accesses - belady_misses([e for r in stream for e in r.experts], capacity)
-        else:
-            policy = copy.deepcopy(warmed[layer]) if layer in warmed else make_policy(policy_name, **kw)
-            hits = _replay(stream, policy, capacity)
         h, m = per_layer[layer]
-        per_layer[layer] = (h + hits, m + accesses - hits)
+        per_layer[layer] = (h + hits_of[seq, layer], m + accesses - hits_of[seq, layer])
     per_layer = dict(sorted(per_layer.items()))
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 

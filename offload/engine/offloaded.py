@@ -15,6 +15,7 @@ from .cache import LayerSlots
 from .copier import make_copier
 from .planner import measure_bandwidth
 from .policies import make_policy
+from .routing_history import RoutingHistory
 from .stats import EngineStats
 from .store import ExpertWeights, HostStore
 
@@ -36,6 +37,10 @@ class OffloadedExperts:
         self.host_bandwidth = self.copy_bandwidth = 0.0  # measured on first use by the "auto" cost model
         self.copier = make_copier(device)
         self.slots = {layer: LayerSlots(capacity, make_policy(policy)) for layer in moe_layers}
+        self.history = RoutingHistory(moe_layers, max(top_k, 1))  # every layer's routing, for the policies
+        for layer, slots in self.slots.items():
+            slots.policy.attach(self.history, layer)
+        self._forward, self._last_layer = 0, None  # a layer at or before the last one starts a new forward
         self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
                        for layer in moe_layers}
         self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
@@ -58,11 +63,15 @@ class OffloadedExperts:
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:
         slots, stats = self.slots[layer], self.counters.layers[layer]
         on_host = {e for e, n in zip(experts, tokens) if e not in slots.slot_of and self._compute_on_host(n)}
+        order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]
+        if self._last_layer is not None and layer <= self._last_layer:
+            self._forward += 1
+        self._last_layer = layer
         if sum(tokens) == self.top_k:  # one token: score the prediction made for it (recall per decoded token)
             self._score_prediction(layer, experts)
+            self.history.record(self._forward, layer, order)
         else:
             self.predicted.pop(layer, None)
-        order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]
         slots.observe(order, sorted(weights, reverse=True))
         hits = [e for e in experts if e in slots.slot_of]
         missing = [e for e in experts if e not in slots.slot_of and e not in on_host]

@@ -7,6 +7,8 @@ routing statistics stay separate. Register your own with `register_policy`.
 
 A policy that learns routing statistics can keep them across sequences: `on_new_sequence` marks a
 cold cache (a new sequence in a trace replay); per-sequence state is reset there, learned state kept.
+A policy may also read the routing of every layer: the driver `attach`es one RoutingHistory, shared
+by all layers' policies, and records each router decision in it before the layer's policy observes it.
 
 Call order per router decision (step) of the layer:
     observe_routing(step, experts, weights)           # the router's choice, best first
@@ -24,6 +26,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .routing_history import RoutingHistory
+
 
 class EvictionPolicy(ABC):
     """Chooses the victim among resident experts of one layer's cache.
@@ -31,6 +35,9 @@ class EvictionPolicy(ABC):
     Hooks default to no-ops so a policy overrides only what it uses. Steps are
     non-decreasing integers, one per router decision of this layer.
     """
+
+    def attach(self, history: RoutingHistory, layer: int) -> None:
+        """The model-wide routing record, and which of its layers this policy serves."""
 
     def observe_routing(self, step: int, experts: Sequence[int], weights: Sequence[float]) -> None:
         """The router's selection for this step, before any of it is accessed."""
@@ -194,6 +201,36 @@ class AffinityPolicy(EvictionPolicy):
         return min(candidates, key=lambda e: (self._next_use(e), self._recency.stamp.get(e, 0)))
 
 
+class LookupPolicy(AffinityPolicy):
+    """Affinity, corrected by what followed the earlier tokens that routed like the current one.
+
+    Prompt-lookup decoding in routing space (RoutingHistory): the earlier tokens whose routing over all
+    layers, at the previous token and at the layers passed so far, matches the current token's vote, by
+    similarity**`sharpness`, for the experts this layer routed to within `horizon` tokens after them.
+    The vote replaces the affinity estimate in proportion to the best match's similarity, so repeated
+    text is followed closely and new text falls back to affinity. Without an attached history (a
+    single-layer driver) it is AffinityPolicy.
+    """
+
+    def __init__(self, horizon: int = 2, sharpness: float = 4.0, **affinity: float) -> None:
+        if horizon < 1 or sharpness <= 0.0:
+            raise ValueError(f"need horizon >= 1 and sharpness > 0, got horizon={horizon}, sharpness={sharpness}")
+        super().__init__(**affinity)
+        self.horizon, self.sharpness = horizon, sharpness
+        self._history: RoutingHistory | None = None
+        self._layer = 0
+
+    def attach(self, history: RoutingHistory, layer: int) -> None:
+        self._history, self._layer = history, layer
+
+    def choose_victim(self, candidates: Sequence[int]) -> int:
+        if self._history is None:
+            return super().choose_victim(candidates)
+        confidence, votes = self._history.continuation(self._layer, candidates, self.horizon, self.sharpness)
+        score = {e: (1.0 - confidence) * self._next_use(e) + confidence * v for e, v in zip(candidates, votes)}
+        return min(candidates, key=lambda e: (score[e], self._recency.stamp.get(e, 0)))
+
+
 class ContextPolicy(EvictionPolicy):
     """Evict the expert least likely to be routed to within the next `horizon` steps, given the context.
 
@@ -298,6 +335,7 @@ register_policy("lfu", LFUPolicy)
 register_policy("lfu-aging", LFUAgingPolicy)
 register_policy("affinity", AffinityPolicy)
 register_policy("context", ContextPolicy)
+register_policy("lookup", LookupPolicy)
 
 
 def belady_misses(accesses: Sequence[int], capacity: int) -> int:
