@@ -52,7 +52,7 @@ class History:
             weights = [d ** (now - i) for i in range(now + 1)]
             used = sum(w for w, dec in zip(weights, self.decisions) if expert in dec)
             shares.append(used / sum(weights))
-        estimates = [p._next_use(expert) for p in self.estimators]  # noqa: SLF001 (research script)
+        estimates = [p.next_use(expert) for p in self.estimators]
         return [*buckets, *shares, *estimates, 1.0]
 
 

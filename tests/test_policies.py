@@ -291,15 +291,16 @@ class HistoryReference:
             pairs = [(rows[s - 1], rows[t - 1]), (rows[s], rows[t])]
             known = [(a[c], b[c]) for a, b in pairs for c in set(a) & set(b) if a[c] is not None and b[c] is not None]
             similarity = sum(x == y for x, y in known) / len(known) if known else 0.0
-            after = [rows[min(s + h, t - 1)].get(layer) for h in range(1, horizon + 1)]
+            after = [rows[s + h].get(layer) for h in range(1, horizon + 1) if s + h < t]
             after = [a for a in after if a is not None]
             if after:
-                weights.append((similarity ** sharpness, frozenset().union(*after)))
+                weights.append((similarity ** sharpness, after))
                 best = max(best, similarity)
         total = sum(w for w, _ in weights)
         if total <= 0:
             return 0.0, [0.0] * len(experts)
-        return best, [sum(w for w, f in weights if e in f) / total for e in experts]
+        return best, [sum(w * sum(e in a for a in after) for w, after in weights) / (total * horizon)
+                      for e in experts]
 
 
 decisions = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1,

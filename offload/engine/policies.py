@@ -20,6 +20,7 @@ Call order per router decision (step) of the layer:
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -156,7 +157,29 @@ class LFUAgingPolicy(EvictionPolicy):
                    key=lambda e: (self._freq.get(e, self._step), self._recency.stamp.get(e, 0)))
 
 
-class AffinityPolicy(EvictionPolicy):
+class NextUsePolicy(EvictionPolicy):
+    """Evicts the candidate it rates least likely to be routed to soon (`next_use`); ties go to LRU.
+    Its estimate is what LookupPolicy corrects."""
+
+    def __init__(self) -> None:
+        self._recency = _Recency()
+
+    @abstractmethod
+    def next_use(self, expert: int) -> float:
+        """How likely `expert` is to be routed to soon, on a scale shared by all experts of the layer."""
+
+    def last_used(self, expert: int) -> int:
+        """Recency stamp of `expert` (0: never used)."""
+        return self._recency.stamp.get(expert, 0)
+
+    def on_access(self, expert: int, step: int) -> None:
+        self._recency.touch(expert)
+
+    def choose_victim(self, candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda e: (self.next_use(e), self.last_used(e)))
+
+
+class AffinityPolicy(NextUsePolicy):
     """Evict the expert least likely to be routed to at the next step.
 
     The estimate blends two signals learned online for this layer: the decayed share
@@ -169,13 +192,13 @@ class AffinityPolicy(EvictionPolicy):
     def __init__(self, decay: float = 0.9, mix: float = 0.5, prior: float = 2.0) -> None:
         if not 0.0 <= mix <= 1.0 or prior <= 0.0:
             raise ValueError(f"need 0 <= mix <= 1 and prior > 0, got mix={mix}, prior={prior}")
+        super().__init__()
         self.mix, self.prior = mix, prior
         self._freq = _DecayedCounts(decay)
         self._follow: defaultdict[int, defaultdict[int, float]] = defaultdict(lambda: defaultdict(float))
         self._seen: defaultdict[int, float] = defaultdict(float)
         self._current: tuple[int, ...] = ()
         self._step = 0
-        self._recency = _Recency()
 
     def observe_routing(self, step: int, experts: Sequence[int], weights: Sequence[float]) -> None:
         for a in self._current:
@@ -186,10 +209,7 @@ class AffinityPolicy(EvictionPolicy):
             self._freq.add(e, step)
         self._current, self._step = tuple(experts), step
 
-    def on_access(self, expert: int, step: int) -> None:
-        self._recency.touch(expert)
-
-    def _next_use(self, expert: int) -> float:
+    def next_use(self, expert: int) -> float:
         base = self._freq.share(expert, self._step) * len(self._current)
         if not self._current:
             return base
@@ -197,25 +217,25 @@ class AffinityPolicy(EvictionPolicy):
                      for a in self._current) / len(self._current)
         return self.mix * follow + (1.0 - self.mix) * base
 
-    def choose_victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=lambda e: (self._next_use(e), self._recency.stamp.get(e, 0)))
 
-
-class LookupPolicy(AffinityPolicy):
-    """Affinity, corrected by what followed the earlier tokens that routed like the current one.
+class LookupPolicy(EvictionPolicy):
+    """A next-use estimate (`base`: affinity or context), corrected by what followed the earlier tokens
+    that routed like the current one.
 
     Prompt-lookup decoding in routing space (RoutingHistory): the earlier tokens whose routing over all
     layers, at the previous token and at the layers passed so far, matches the current token's vote, by
-    similarity**`sharpness`, for the experts this layer routed to within `horizon` tokens after them.
-    The vote replaces the affinity estimate in proportion to the best match's similarity, so repeated
-    text is followed closely and new text falls back to affinity. Without an attached history (a
-    single-layer driver) it is AffinityPolicy.
+    similarity**`sharpness`, for the experts this layer routed to in the `horizon` tokens after them.
+    The vote replaces the base estimate in proportion to the best match's similarity, so repeated text
+    is followed closely and new text falls back to the base. Without an attached history (a
+    single-layer driver) it is the base policy.
     """
 
-    def __init__(self, horizon: int = 2, sharpness: float = 4.0, **affinity: float) -> None:
+    def __init__(self, base: str = "affinity", horizon: int = 2, sharpness: float = 4.0, **base_kw: Any) -> None:
         if horizon < 1 or sharpness <= 0.0:
             raise ValueError(f"need horizon >= 1 and sharpness > 0, got horizon={horizon}, sharpness={sharpness}")
-        super().__init__(**affinity)
+        self.base = make_policy(base, **base_kw)
+        if not isinstance(self.base, NextUsePolicy):
+            raise ValueError(f"lookup needs a base policy that estimates next use (affinity, context), got {base!r}")
         self.horizon, self.sharpness = horizon, sharpness
         self._history: RoutingHistory | None = None
         self._layer = 0
@@ -223,15 +243,30 @@ class LookupPolicy(AffinityPolicy):
     def attach(self, history: RoutingHistory, layer: int) -> None:
         self._history, self._layer = history, layer
 
+    def observe_routing(self, step: int, experts: Sequence[int], weights: Sequence[float]) -> None:
+        self.base.observe_routing(step, experts, weights)
+
+    def on_new_sequence(self) -> None:
+        self.base.on_new_sequence()
+
+    def on_access(self, expert: int, step: int) -> None:
+        self.base.on_access(expert, step)
+
+    def on_insert(self, expert: int) -> None:
+        self.base.on_insert(expert)
+
+    def on_evict(self, expert: int) -> None:
+        self.base.on_evict(expert)
+
     def choose_victim(self, candidates: Sequence[int]) -> int:
         if self._history is None:
-            return super().choose_victim(candidates)
+            return self.base.choose_victim(candidates)
         confidence, votes = self._history.continuation(self._layer, candidates, self.horizon, self.sharpness)
-        score = {e: (1.0 - confidence) * self._next_use(e) + confidence * v for e, v in zip(candidates, votes)}
-        return min(candidates, key=lambda e: (score[e], self._recency.stamp.get(e, 0)))
+        score = {e: (1.0 - confidence) * self.base.next_use(e) + confidence * v for e, v in zip(candidates, votes)}
+        return min(candidates, key=lambda e: (score[e], self.base.last_used(e)))
 
 
-class ContextPolicy(EvictionPolicy):
+class ContextPolicy(NextUsePolicy):
     """Evict the expert least likely to be routed to within the next `horizon` steps, given the context.
 
     The context is the layer's last two router decisions (the set chosen now and the set chosen before);
@@ -246,6 +281,7 @@ class ContextPolicy(EvictionPolicy):
     def __init__(self, horizon: int = 2, prior: float = 2.0, decay: float = 0.9) -> None:
         if horizon < 1 or prior <= 0.0:
             raise ValueError(f"need horizon >= 1 and prior > 0, got horizon={horizon}, prior={prior}")
+        super().__init__()
         self.horizon, self.prior, self.decay = horizon, prior, decay
         self._hits: defaultdict[tuple, defaultdict[int, float]] = defaultdict(lambda: defaultdict(float))
         self._seen: defaultdict[tuple, float] = defaultdict(float)
@@ -279,22 +315,16 @@ class ContextPolicy(EvictionPolicy):
         for e in experts:
             self._freq.add(e, step)
 
-    def on_access(self, expert: int, step: int) -> None:
-        self._recency.touch(expert)
-
     def _estimate(self, context: tuple, expert: int, fallback: float) -> float:
         return (self._hits[context][expert] + self.prior * fallback) / (self._seen[context] + self.prior)
 
-    def _next_use(self, expert: int) -> float:
+    def next_use(self, expert: int) -> float:
         share = self._freq.share(expert, self._step) * len(self._current)
         if not self._current:
             return share
         *singles, whole, pair = self._contexts_now
         single = sum(self._estimate(c, expert, share) for c in singles) / len(singles)
         return self._estimate(pair, expert, self._estimate(whole, expert, single))
-
-    def choose_victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=lambda e: (self._next_use(e), self._recency.stamp.get(e, 0)))
 
 
 def warm(policy: EvictionPolicy, sequences: Iterable[Sequence[Sequence[int]]]) -> EvictionPolicy:
@@ -336,6 +366,7 @@ register_policy("lfu-aging", LFUAgingPolicy)
 register_policy("affinity", AffinityPolicy)
 register_policy("context", ContextPolicy)
 register_policy("lookup", LookupPolicy)
+register_policy("lookup-context", functools.partial(LookupPolicy, base="context"))
 
 
 def belady_misses(accesses: Sequence[int], capacity: int) -> int:

@@ -21,8 +21,8 @@ UNKNOWN = -1
 
 
 class RoutingHistory:
-    """Per-token routing of `layers`, the last `window` tokens, with the similarity of every earlier
-    token to the current one kept up to date as the current token's layers arrive."""
+    """Per-token routing of `layers`, the last `window` tokens. Recording is a few array writes; the
+    similarities are brought up to date when a policy asks, so policies that never ask pay nothing."""
 
     def __init__(self, layers: Sequence[int], top_k: int, window: int = 1024) -> None:
         if top_k < 1 or window < 4:
@@ -35,12 +35,19 @@ class RoutingHistory:
         """Forget every token (a new, unrelated sequence)."""
         rows, cols = self.window, len(self.column)
         self._code = np.full((rows, cols), UNKNOWN, dtype=np.int64)  # one id per expert set
-        self._seen = np.zeros((rows, cols), dtype=bool)
         self._experts = np.full((rows, cols, self.top_k), UNKNOWN, dtype=np.int64)
-        self._matches = np.zeros(rows)  # per earlier token s: layers equal to the current token's ...
-        self._compared = np.zeros(rows)  # ... out of layers known for both (at the previous token too)
+        self._seen = np.zeros((rows, cols), dtype=bool)
         self._rows = 0
+        self._started = 0  # tokens ever started: names the current one across window trims
         self._token: int | None = None
+        # for the current token: its number, then per earlier token the layers that agree and the layers
+        # compared (the token before's part, plus the current token's layers folded in), and what was folded
+        self._agreement: tuple[int, np.ndarray, np.ndarray, dict[int, int]] = (-1, np.zeros(0), np.zeros(0), {})
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held (at most `window`)."""
+        return self._rows
 
     def record(self, token: int, layer: int, experts: Sequence[int]) -> None:
         """Layer `layer` routed token `token` to `experts`."""
@@ -50,24 +57,23 @@ class RoutingHistory:
         elif token < self._token:
             raise ValueError(f"tokens must not decrease: got {token} after {self._token}")
         t, col = self._rows - 1, self.column[layer]
-        if self._seen[t, col]:  # a second decision for this cell: no longer one token's routing
-            if self._code[t, col] != UNKNOWN:
-                self._count(t, col, self._code[t, col], -1)
-                self._code[t, col] = UNKNOWN
-                self._experts[t, col] = UNKNOWN
-            return
+        if self._seen[t, col] or len(experts) > self.top_k:  # not one token's routing at this layer
+            self._code[t, col] = UNKNOWN
+            self._experts[t, col] = UNKNOWN
+        else:
+            self._code[t, col] = hash(tuple(sorted(experts)))  # never -1 in CPython
+            self._experts[t, col, : len(experts)] = experts
         self._seen[t, col] = True
-        if len(experts) > self.top_k:
-            return
-        code = hash(tuple(sorted(experts)))  # never -1 in CPython
-        self._code[t, col] = code
-        self._experts[t, col, : len(experts)] = experts
-        self._count(t, col, code, +1)
 
-    @property
-    def tokens(self) -> int:
-        """Tokens held (at most `window`)."""
-        return self._rows
+    def _start_row(self) -> None:
+        if self._rows == self.window:  # drop the older half
+            keep = self.window // 2
+            for table, empty in ((self._code, UNKNOWN), (self._experts, UNKNOWN), (self._seen, False)):
+                table[:keep] = table[-keep:].copy()
+                table[keep:] = empty
+            self._rows = keep
+        self._rows += 1
+        self._started += 1
 
     def routed(self, back: int, layer: int) -> tuple[int, ...] | None:
         """The experts `layer` routed to `back` tokens before the current one (0: the current one), or
@@ -77,53 +83,57 @@ class RoutingHistory:
             return None
         return tuple(int(e) for e in self._experts[t, self.column[layer]] if e != UNKNOWN)
 
-    def _start_row(self) -> None:
-        if self._rows == self.window:  # drop the older half
-            keep = self.window // 2
-            self._code[:keep] = self._code[-keep:].copy()
-            self._code[keep:] = UNKNOWN
-            self._seen[:keep] = self._seen[-keep:].copy()
-            self._seen[keep:] = False
-            self._experts[:keep] = self._experts[-keep:].copy()
-            self._experts[keep:] = UNKNOWN
-            self._rows = keep
-        t = self._rows
-        self._rows += 1
-        self._matches[:] = 0
-        self._compared[:] = 0
-        if t >= 2:  # earlier tokens s >= 1 against the current one, at the token before: s-1 vs t-1
-            before, prev = self._code[: t - 1], self._code[t - 1]
-            known = (before != UNKNOWN) & (prev != UNKNOWN)
-            self._matches[1:t] = ((before == prev) & known).sum(1)
-            self._compared[1:t] = known.sum(1)
+    def similarity(self) -> np.ndarray:
+        """For every earlier token s (index 0 = the oldest held; s = 0 has no token before it and scores
+        0): the fraction of layers, at s and at the token before s, that routed exactly as the current
+        token and the one before it did, over the layers known in both."""
+        t = self._rows - 1
+        if t < 2:
+            return np.zeros(max(t, 0))
+        if self._agreement[0] != self._started:  # tokens s - 1 against the token before: fixed for the token
+            before, now = self._code[: t - 1], self._code[t - 1]
+            known = (before != UNKNOWN) & (now != UNKNOWN)
+            matches, compared = np.zeros(t), np.zeros(t)
+            matches[1:], compared[1:] = ((before == now) & known).sum(1), known.sum(1)
+            self._agreement = (self._started, matches, compared, {})
+        _, matches, compared, folded = self._agreement
+        for col in np.flatnonzero(self._seen[t]):  # the current token's layers, added as they arrive
+            code = int(self._code[t, col])
+            if folded.get(col, UNKNOWN) != code:
+                self._fold(t, col, folded.get(col, UNKNOWN), -1)
+                self._fold(t, col, code, +1)
+                folded[col] = code
+        return np.divide(matches, compared, out=np.zeros(t), where=compared > 0)
 
-    def _count(self, t: int, col: int, code: int, sign: int) -> None:
-        """Add (or take back) the current token's decision at `col` to every earlier token's similarity."""
-        earlier = self._code[:t, col]
-        known = earlier != UNKNOWN
-        self._matches[:t] += sign * ((earlier == code) & known)
-        self._compared[:t] += sign * known
+    def _fold(self, t: int, col: int, code: int, sign: int) -> None:
+        """Add (or take back) the current token's decision at `col` to every earlier token's agreement."""
+        if code != UNKNOWN:
+            _, matches, compared, _ = self._agreement
+            earlier = self._code[:t, col]
+            matches += sign * (earlier == code)
+            compared += sign * (earlier != UNKNOWN)
 
     def continuation(self, layer: int, experts: Sequence[int], horizon: int = 2,
                      sharpness: float = 4.0) -> tuple[float, list[float]]:
-        """(confidence, votes): for each of `experts`, the share of earlier tokens, weighted by
-        similarity**sharpness, after which `layer` routed to it within `horizon` tokens; confidence is the
-        best similarity (0 with no usable earlier token). Similarity: the fraction of layers, at this
-        token so far and the one before, where the earlier token routed exactly as now."""
+        """(confidence, votes): for each of `experts`, how often `layer` routed to it in the `horizon`
+        tokens after each earlier token s (a fraction of `horizon`), averaged over s weighted by
+        similarity**sharpness; confidence is the best similarity among them (0 with no usable s)."""
         t = self._rows - 1
         last = t - 2  # s + 1 <= t - 1: at least one complete token after s
         if last < 1:
             return 0.0, [0.0] * len(experts)
         col = self.column[layer]
-        candidates = np.arange(1, last + 1)
-        compared = self._compared[1 : last + 1]
-        similarity = np.divide(self._matches[1 : last + 1], compared, out=np.zeros(last), where=compared > 0)
-        after = np.minimum(candidates[:, None] + np.arange(1, horizon + 1), t - 1)  # [s, h], clipped rows repeat
-        known = (self._code[after, col] != UNKNOWN).any(1)
+        rows = [self._experts[1 + h : min(last + 1 + h, t), col] for h in range(1, horizon + 1)]
+        known = np.zeros(last, dtype=bool)
+        for r in rows:
+            known[: len(r)] |= r[:, 0] != UNKNOWN
+        similarity = self.similarity()[1 : last + 1]
         weight = np.where(known, similarity, 0.0) ** sharpness
         total = weight.sum()
         if total <= 0:
             return 0.0, [0.0] * len(experts)
-        following = self._experts[after, col]  # [s, h, top_k]
-        votes = [float(weight[(following == e).any((1, 2))].sum() / total) for e in experts]
-        return float(similarity[known].max()), votes
+        votes = np.zeros(max(experts) + 2)  # index e + 1; UNKNOWN lands on 0
+        for r in rows:  # each of the next `horizon` tokens after s adds its experts, weighted by s
+            counts = np.bincount((r + 1).ravel(), np.repeat(weight[: len(r)], r.shape[1]), minlength=len(votes))
+            votes += counts[: len(votes)]
+        return float(similarity[known].max()), (votes[np.asarray(experts) + 1] / (total * horizon)).tolist()
