@@ -40,6 +40,9 @@ class RoutingHistory:
         self._rows = 0
         self._started = 0  # tokens ever started: names the current one across window trims
         self._token: int | None = None
+        self._records = 0  # decisions recorded: keys the cached votes
+        self._highest = 0  # the highest expert id recorded
+        self._votes: dict[tuple, tuple[float, np.ndarray]] = {}
         # for the current token: its number, then per earlier token the layers that agree and the layers
         # compared (the token before's part, plus the current token's layers folded in), and what was folded
         self._agreement: tuple[int, np.ndarray, np.ndarray, dict[int, int]] = (-1, np.zeros(0), np.zeros(0), {})
@@ -63,7 +66,9 @@ class RoutingHistory:
         else:
             self._code[t, col] = hash(tuple(sorted(experts)))  # never -1 in CPython
             self._experts[t, col, : len(experts)] = experts
+            self._highest = max(self._highest, *experts)
         self._seen[t, col] = True
+        self._records += 1
 
     def _start_row(self) -> None:
         if self._rows == self.window:  # drop the older half
@@ -118,11 +123,19 @@ class RoutingHistory:
         """(confidence, votes): for each of `experts`, how often `layer` routed to it in the `horizon`
         tokens after each earlier token s (a fraction of `horizon`), averaged over s weighted by
         similarity**sharpness; confidence is the best similarity among them (0 with no usable s)."""
+        key = (self._records, self.column[layer], horizon, sharpness)
+        if key not in self._votes:  # several evictions (misses, prefetches) often share one state
+            self._votes = {k: v for k, v in self._votes.items() if k[0] == self._records}
+            self._votes[key] = self._vote(*key[1:])
+        confidence, votes = self._votes[key]
+        return confidence, [float(votes[e + 1]) if e + 1 < len(votes) else 0.0 for e in experts]
+
+    def _vote(self, col: int, horizon: int, sharpness: float) -> tuple[float, np.ndarray]:
+        """continuation() for every expert at once: votes[e + 1] is expert e's."""
         t = self._rows - 1
         last = t - 2  # s + 1 <= t - 1: at least one complete token after s
         if last < 1:
-            return 0.0, [0.0] * len(experts)
-        col = self.column[layer]
+            return 0.0, np.zeros(0)
         rows = [self._experts[1 + h : min(last + 1 + h, t), col] for h in range(1, horizon + 1)]
         known = np.zeros(last, dtype=bool)
         for r in rows:
@@ -131,9 +144,8 @@ class RoutingHistory:
         weight = np.where(known, similarity, 0.0) ** sharpness
         total = weight.sum()
         if total <= 0:
-            return 0.0, [0.0] * len(experts)
-        votes = np.zeros(max(experts) + 2)  # index e + 1; UNKNOWN lands on 0
+            return 0.0, np.zeros(0)
+        votes = np.zeros(self._highest + 2)  # index e + 1; UNKNOWN lands on 0
         for r in rows:  # each of the next `horizon` tokens after s adds its experts, weighted by s
-            counts = np.bincount((r + 1).ravel(), np.repeat(weight[: len(r)], r.shape[1]), minlength=len(votes))
-            votes += counts[: len(votes)]
-        return float(similarity[known].max()), (votes[np.asarray(experts) + 1] / (total * horizon)).tolist()
+            votes += np.bincount((r + 1).ravel(), np.repeat(weight[: len(r)], r.shape[1]), minlength=len(votes))
+        return float(similarity[known].max()), votes / (total * horizon)
