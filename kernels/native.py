@@ -1,6 +1,6 @@
 """The hand-written AVX2 GEMV (q_gemv.c), compiled on first use with the system C compiler.
 
-One ~100-line C file needs no build system: `cc -O3 -mavx2 -mfma -fopenmp -shared` takes under a second, the
+One small C file needs no build system: `cc -O3 -mavx2 -mfma -fopenmp -shared` takes under a second, the
 library is cached under ~/.cache/moe-offload (written to a temporary name, then renamed) keyed by a hash
 of the source and the command, and called through ctypes, which releases the GIL for the call. Without a
 compiler, on a CPU without AVX2/FMA, or with MOE_OFFLOAD_NATIVE=0, `library()` is None and the caller

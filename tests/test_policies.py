@@ -96,6 +96,10 @@ class Tracking(policies.EvictionPolicy):
         self.resident: set[int] = set()
         self.current: tuple[int, ...] = ()
 
+    @property
+    def reads_history(self) -> bool:
+        return self.inner.reads_history
+
     def attach(self, history: RoutingHistory, layer: int) -> None:
         self.inner.attach(history, layer)
 

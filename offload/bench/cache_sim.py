@@ -25,13 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offload.engine.policies import (
-    POLICIES,
-    EvictionPolicy,
-    belady_misses,
-    make_policy,
-    warm,
-)
+from offload.engine.policies import POLICIES, EvictionPolicy, belady_misses, make_policy, warm
 from offload.engine.routing_history import RoutingHistory
 from offload.engine.trace import TraceRow, read_trace
 
@@ -107,32 +101,31 @@ def simulate(trace_rows: Iterable[TraceRow], policy_name: str, capacity: int,
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     warmed = _warmed(policy_name, profile_rows, **kw) if profile_rows is not None and policy_name != BELADY else {}
     rows = list(trace_rows)
-    per_layer: dict[int, tuple[int, int]] = defaultdict(lambda: (0, 0))
-    hits_of: dict[tuple[int, int], int] = defaultdict(int)  # (seq, layer) -> hits
+    hits: dict[int, int] = defaultdict(int)  # per layer
+    accesses: dict[int, int] = defaultdict(int)
+    for row in rows:
+        accesses[row.layer] += len(row.experts)
     if policy_name == BELADY:
-        for key, stream in _streams(rows).items():
-            accesses = [e for r in stream for e in r.experts]
-            hits_of[key] = len(accesses) - belady_misses(accesses, capacity)
+        for (_, layer), stream in _streams(rows).items():
+            used = [e for r in stream for e in r.experts]
+            hits[layer] += len(used) - belady_misses(used, capacity)
     else:  # every seq in trace order, all layers interleaved, as the engine meets them
-        layers, top_k = sorted({r.layer for r in rows}), max((len(r.experts) for r in rows), default=1)
+        layers, top_k = sorted(accesses), max((len(r.experts) for r in rows), default=1)
         caches: dict[tuple[int, int], _LayerCache] = {}
         histories: dict[int, RoutingHistory] = {}
         for row in rows:
-            if row.seq not in histories:
-                histories[row.seq] = RoutingHistory(layers, top_k)
-            history = histories[row.seq]
             cache = caches.get((row.seq, row.layer))
             if cache is None:
                 policy = copy.deepcopy(warmed[row.layer]) if row.layer in warmed else make_policy(policy_name, **kw)
-                policy.attach(history, row.layer)
+                if policy.reads_history:
+                    if row.seq not in histories:
+                        histories[row.seq] = RoutingHistory(layers, top_k)
+                    policy.attach(histories[row.seq], row.layer)
                 cache = caches[row.seq, row.layer] = _LayerCache(policy, capacity)
-            history.record(row.token, row.layer, row.experts)
-            hits_of[row.seq, row.layer] += cache.replay(row)
-    for (seq, layer), stream in _streams(rows).items():
-        accesses = sum(len(r.experts) for r in stream)
-        h, m = per_layer[layer]
-        per_layer[layer] = (h + hits_of[seq, layer], m + accesses - hits_of[seq, layer])
-    per_layer = dict(sorted(per_layer.items()))
+            if row.seq in histories:
+                histories[row.seq].record(row.token, row.layer, row.experts)
+            hits[row.layer] += cache.replay(row)
+    per_layer = {layer: (hits[layer], accesses[layer] - hits[layer]) for layer in sorted(accesses)}
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 
 

@@ -37,10 +37,12 @@ class OffloadedExperts:
         self.host_bandwidth = self.copy_bandwidth = 0.0  # measured on first use by the "auto" cost model
         self.copier = make_copier(device)
         self.slots = {layer: LayerSlots(capacity, make_policy(policy)) for layer in moe_layers}
-        self.history = RoutingHistory(moe_layers, max(top_k, 1))  # every layer's routing, for the policies
-        for layer, slots in self.slots.items():
-            slots.policy.attach(self.history, layer)
-        self._forward, self._last_layer = 0, None  # a layer at or before the last one starts a new forward
+        self.history: RoutingHistory | None = None  # every layer's routing per token, kept only if a policy reads it
+        if any(slots.policy.reads_history for slots in self.slots.values()):
+            self.history = RoutingHistory(moe_layers, max(top_k, 1))
+            for layer, slots in self.slots.items():
+                slots.policy.attach(self.history, layer)
+        self._token, self._last_layer = 0, None  # history keys: a layer at or before the last starts a new token
         self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
                        for layer in moe_layers}
         self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
@@ -64,12 +66,10 @@ class OffloadedExperts:
         slots, stats = self.slots[layer], self.counters.layers[layer]
         on_host = {e for e, n in zip(experts, tokens) if e not in slots.slot_of and self._compute_on_host(n)}
         order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]
-        if self._last_layer is not None and layer <= self._last_layer:
-            self._forward += 1
-        self._last_layer = layer
         if sum(tokens) == self.top_k:  # one token: score the prediction made for it (recall per decoded token)
             self._score_prediction(layer, experts)
-            self.history.record(self._forward, layer, order)
+            if self.history is not None:
+                self._record(layer, order)
         else:
             self.predicted.pop(layer, None)
         slots.observe(order, sorted(weights, reverse=True))
@@ -188,6 +188,13 @@ class OffloadedExperts:
         if views is None:
             views = self.host_views[layer, expert] = self.store.view(self.store.blobs[layer, expert])
         return views
+
+    def _record(self, layer: int, experts: list[int]) -> None:
+        """One token's routing at `layer` into the history (prefills and verify steps are not one token's)."""
+        if self._last_layer is not None and layer <= self._last_layer:
+            self._token += 1
+        self._last_layer = layer
+        self.history.record(self._token, layer, experts)
 
     def _score_prediction(self, layer: int, routed: list[int]) -> None:
         predicted = self.predicted.pop(layer, None)

@@ -7,8 +7,9 @@ routing statistics stay separate. Register your own with `register_policy`.
 
 A policy that learns routing statistics can keep them across sequences: `on_new_sequence` marks a
 cold cache (a new sequence in a trace replay); per-sequence state is reset there, learned state kept.
-A policy may also read the routing of every layer: the driver `attach`es one RoutingHistory, shared
-by all layers' policies, and records each router decision in it before the layer's policy observes it.
+A policy may also read the routing of every layer (`reads_history`): the driver then `attach`es one
+RoutingHistory, shared by all layers' policies, and records each router decision in it before the
+layer's policy observes it.
 
 Call order per router decision (step) of the layer:
     observe_routing(step, experts, weights)           # the router's choice, best first
@@ -36,6 +37,9 @@ class EvictionPolicy(ABC):
     Hooks default to no-ops so a policy overrides only what it uses. Steps are
     non-decreasing integers, one per router decision of this layer.
     """
+
+    reads_history = False
+    """True for a policy that reads every layer's routing: only then is a RoutingHistory kept and attached."""
 
     def attach(self, history: RoutingHistory, layer: int) -> None:
         """The model-wide routing record, and which of its layers this policy serves."""
@@ -229,6 +233,8 @@ class LookupPolicy(EvictionPolicy):
     is followed closely and new text falls back to the base. Without an attached history (a
     single-layer driver) it is the base policy.
     """
+
+    reads_history = True
 
     def __init__(self, base: str = "affinity", horizon: int = 2, sharpness: float = 4.0, **base_kw: Any) -> None:
         if horizon < 1 or sharpness <= 0.0:

@@ -43,9 +43,11 @@ class RoutingHistory:
         self._records = 0  # decisions recorded: keys the cached votes
         self._highest = 0  # the highest expert id recorded
         self._votes: dict[tuple, tuple[float, np.ndarray]] = {}
-        # for the current token: its number, then per earlier token the layers that agree and the layers
-        # compared (the token before's part, plus the current token's layers folded in), and what was folded
-        self._agreement: tuple[int, np.ndarray, np.ndarray, dict[int, int]] = (-1, np.zeros(0), np.zeros(0), {})
+        # per earlier token, the layers routed alike and the layers compared: the token before's part, plus
+        # the current token's layers folded in as they arrive (`_folded`: column -> code); for token `_scored`
+        self._scored = -1
+        self._matches, self._compared = np.zeros(0), np.zeros(0)
+        self._folded: dict[int, int] = {}
 
     @property
     def tokens(self) -> int:
@@ -95,28 +97,26 @@ class RoutingHistory:
         t = self._rows - 1
         if t < 2:
             return np.zeros(max(t, 0))
-        if self._agreement[0] != self._started:  # tokens s - 1 against the token before: fixed for the token
+        if self._scored != self._started:  # tokens s - 1 against the token before: fixed for the token
             before, now = self._code[: t - 1], self._code[t - 1]
             known = (before != UNKNOWN) & (now != UNKNOWN)
-            matches, compared = np.zeros(t), np.zeros(t)
-            matches[1:], compared[1:] = ((before == now) & known).sum(1), known.sum(1)
-            self._agreement = (self._started, matches, compared, {})
-        _, matches, compared, folded = self._agreement
-        for col in np.flatnonzero(self._seen[t]):  # the current token's layers, added as they arrive
+            self._matches, self._compared = np.zeros(t), np.zeros(t)
+            self._matches[1:], self._compared[1:] = ((before == now) & known).sum(1), known.sum(1)
+            self._scored, self._folded = self._started, {}
+        for col in np.flatnonzero(self._seen[t]):  # the current token's layers
             code = int(self._code[t, col])
-            if folded.get(col, UNKNOWN) != code:
-                self._fold(t, col, folded.get(col, UNKNOWN), -1)
+            if self._folded.get(col, UNKNOWN) != code:
+                self._fold(t, col, self._folded.get(col, UNKNOWN), -1)
                 self._fold(t, col, code, +1)
-                folded[col] = code
-        return np.divide(matches, compared, out=np.zeros(t), where=compared > 0)
+                self._folded[col] = code
+        return np.divide(self._matches, self._compared, out=np.zeros(t), where=self._compared > 0)
 
     def _fold(self, t: int, col: int, code: int, sign: int) -> None:
         """Add (or take back) the current token's decision at `col` to every earlier token's agreement."""
         if code != UNKNOWN:
-            _, matches, compared, _ = self._agreement
             earlier = self._code[:t, col]
-            matches += sign * (earlier == code)
-            compared += sign * (earlier != UNKNOWN)
+            self._matches += sign * (earlier == code)
+            self._compared += sign * (earlier != UNKNOWN)
 
     def continuation(self, layer: int, experts: Sequence[int], horizon: int = 2,
                      sharpness: float = 4.0) -> tuple[float, list[float]]:
