@@ -22,7 +22,7 @@ UNKNOWN = -1
 
 class RoutingHistory:
     """Per-token routing of `layers`, the last `window` tokens. Recording is a few array writes; the
-    similarities are brought up to date when a policy asks, so policies that never ask pay nothing."""
+    similarities are brought up to date only when a policy asks."""
 
     def __init__(self, layers: Sequence[int], top_k: int, window: int = 1024) -> None:
         if top_k < 1 or window < 4:
