@@ -1,7 +1,11 @@
 """Quantized formats for expert offloading: HQQ 2/3/4-bit, NF4, MXFP4, FP8 blocks, packed blobs."""
 from __future__ import annotations
 
-import torch
+from offload._folders import package_path
+
+__path__ = package_path(__file__, "quant")  # a package over the top-level quant/ folder (offload/_folders.py)
+
+import torch  # noqa: E402
 from offload.quant.fp8 import dequantize_fp8_blocks
 from offload.quant.hqq import HQQ_BITS, HQQ_GROUPS, hqq_reference, quantize_hqq
 from offload.quant.mxfp4 import from_mxfp4
