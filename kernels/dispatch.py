@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from offload.kernels.activations import ACTIVATIONS
 from offload.kernels.cpu import supports_tiles, to_tiles
+from offload.quant.imports import bitsandbytes
 from offload.quant.nf4 import nf4_state
 from offload.quant.tensor import QuantizedTensor
 
@@ -39,10 +40,8 @@ class NF4Weight:
     qt: QuantizedTensor
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes as bnb
-
         state = nf4_state(self.qt, x.dtype)
-        return bnb.matmul_4bit(x, self.qt.tensors["qweight"].view(-1, 1).t(), state)
+        return bitsandbytes().matmul_4bit(x, self.qt.tensors["qweight"].view(-1, 1).t(), state)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from hqq.core.quantize import Quantizer
+from offload.quant.imports import hqq_quantizer
 from offload.quant.layout import pack_codes, unpack_codes
 from offload.quant.meta import dequantize_meta, quantize_meta
 from offload.quant.tensor import QuantizedTensor, register_format
@@ -14,10 +14,11 @@ HQQ_GROUPS = (16, 32, 64, 128)
 
 def hqq_reference(weight: torch.Tensor, bits: int, group_size: int, axis: int = 1) -> torch.Tensor:
     """hqq's own round trip (16-bit metadata, hqq's bit packing): the quality baseline."""
-    w_q, meta = Quantizer.quantize(weight.float(), nbits=bits, group_size=group_size, axis=axis,
+    quantizer = hqq_quantizer()
+    w_q, meta = quantizer.quantize(weight.float(), nbits=bits, group_size=group_size, axis=axis,
                                    device=str(weight.device), compute_dtype=torch.float32)
     meta["compute_dtype"] = torch.float32
-    return Quantizer.dequantize(w_q, meta)
+    return quantizer.dequantize(w_q, meta)
 
 
 def _group_view(w: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
@@ -39,7 +40,7 @@ def quantize_hqq(weight: torch.Tensor, bits: int, group_size: int, axis: int = 1
     n, k = weight.shape
     check_divisible(k if axis == 1 else n, group_size, "input" if axis == 1 else "output", name, weight.shape)
     w = weight.float()
-    w_q, meta = Quantizer.quantize(w, nbits=bits, group_size=group_size, axis=axis, bitpack=False,
+    w_q, meta = hqq_quantizer().quantize(w, nbits=bits, group_size=group_size, axis=axis, bitpack=False,
                                    device=str(w.device), compute_dtype=torch.float32)
     scale, zero = meta["scale"].float().reshape(-1), meta["zero"].float().reshape(-1)
     tensors: dict[str, torch.Tensor] = {}

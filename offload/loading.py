@@ -1,0 +1,90 @@
+"""offload.load: checkpoint -> spec -> (quantized) weights -> expert provider (resident or offloaded) -> MoEModel."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .engine.offloaded import OffloadedExperts
+from .engine.planner import plan
+from .engine.recorder import RoutingRecorder
+from .engine.resident import ResidentExperts
+from .engine.store import HostStore
+from .lm import MoEModel
+from .loader import checkpoint_dtype, load_spec, load_weights
+from .model.decoder import Decoder
+from .model.predictor import load as load_predictors
+from .packed import is_packed, mapped_blobs, read_packed
+from .quantize import prepared, quantize_weights
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
+         cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
+         miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
+         context: int = 4096, quant: str | None = None, memory_budget: int | None = None,
+         predict_from: str = "attention") -> MoEModel:
+    """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
+    "demo" (the bundled model).
+
+    cache_experts: None keeps every expert on the compute device; an int k keeps the experts in host
+    memory with k device slots per MoE layer; "auto" lets the planner size the slots from free memory
+    (its table: `model.plan.explain()`), within `memory_budget` bytes of device memory when given (a global
+    budget instead of whatever is free). prefetch: later MoE layers whose experts are predicted and
+    copied ahead (predicted from the state after a layer's attention, or with predict_from="output" from
+    its output: more accurate, less overlap); policy: eviction policy (offload.engine.policies.POLICIES);
+    miss_policy: "load" a missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
+    (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
+    smaller than the experts) or "auto" (the planner decides);
+    record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
+    offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load.
+    """
+    path, config, spec, adapter = load_spec(source)
+    dev = _device(device)
+    offloaded = cache_experts is not None and bool(spec.moe_layers)
+    store = resident = None
+    if is_packed(path):  # offload-convert output: experts memory-mapped from disk
+        dense, meta, mapped = read_packed(path, dev)
+        if dtype not in (None, getattr(torch, meta["dtype"])):
+            raise ValueError(f"{path} was packed in {meta['dtype']}; load it with dtype=None or re-convert")
+        dtype, mtp = getattr(torch, meta["dtype"]), {}
+        store = HostStore(mapped_blobs(meta, mapped))
+    else:
+        dtype = dtype or checkpoint_dtype(config)
+        weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev,
+                               keep_quantized=quant is not None)
+        dense, mtp, resident = weights.dense, weights.mtp, weights.experts
+        if quant is not None:
+            quantize_weights(dense, resident, quant)
+    model_plan = None
+    if not offloaded:
+        if resident is None:
+            resident = {key: {k: v.to(dev) for k, v in store.view(blob).items()} for key, blob in store.blobs.items()}
+        experts = ResidentExperts({key: prepared(w) for key, w in resident.items()})
+    else:
+        store = store or HostStore.pack(resident, pin=dev.type == "cuda")
+        resident = None  # the host store holds the experts now
+        if cache_experts == "auto":
+            model_plan = plan(spec, sum(t.nbytes for t in dense.values()), store.blob_bytes, dev, dtype.itemsize,
+                              context, free_device=memory_budget)
+            cache_experts = model_plan.slots_per_layer
+            placement = model_plan.placement if placement == "auto" else placement
+        if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
+            raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
+        experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
+                                   policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive",
+                                   spec.router.top_k)
+    decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
+                      prefetch=prefetch if offloaded else 0, predict_from=predict_from)
+    if offloaded and prefetch:
+        decoder.predictors = load_predictors(path, spec.hidden_size, dev, dtype)
+    if record_trace is not None:
+        decoder.recorder = RoutingRecorder(record_trace)
+    model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})
+    model.plan = model_plan
+    return model

@@ -1,0 +1,42 @@
+"""hqq and bitsandbytes, imported on first use, quietly and without a network attempt.
+
+Both are heavy to import (hqq pulls in torch._dynamo: ~2 s), so nothing imports them until a weight is
+quantized with them. bitsandbytes, on a CPU with AVX-512 BF16, tries at import to download a CPU kernel from
+the model hub through Hugging Face's `kernels` package, and logs a warning when that fails. A local model
+must never cause a network attempt, so while bitsandbytes is imported `kernels` is hidden from it (it then
+keeps its own CPU kernel, its documented fallback) and that module's logger is muted.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from functools import cache
+from types import ModuleType
+
+_HUB_KERNELS = "kernels"
+_BNB_CPU_OPS = "bitsandbytes.backends.cpu.ops"  # the module that reaches for the hub kernel
+
+
+@cache
+def bitsandbytes() -> ModuleType:
+    """The `bitsandbytes` package (with `.functional`), imported without reaching for the model hub."""
+    hidden = sys.modules.get(_HUB_KERNELS)
+    logger = logging.getLogger(_BNB_CPU_OPS)
+    muted = logger.disabled
+    sys.modules[_HUB_KERNELS] = None  # `from kernels import get_kernel` now raises ImportError
+    logger.disabled = True
+    try:
+        return importlib.import_module("bitsandbytes")
+    finally:
+        logger.disabled = muted
+        if hidden is None:
+            del sys.modules[_HUB_KERNELS]
+        else:
+            sys.modules[_HUB_KERNELS] = hidden
+
+
+@cache
+def hqq_quantizer() -> type:
+    """hqq's `Quantizer` (its half-quadratic optimizer)."""
+    return importlib.import_module("hqq.core.quantize").Quantizer
