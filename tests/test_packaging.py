@@ -38,16 +38,20 @@ import offload
 out["offload_file"] = offload.__file__
 out["offload_path"] = list(offload.__path__)
 modules = []
-def onerror(name):
-    errors[name] = "".join(traceback.format_exception_only(*sys.exc_info()[:2])).strip()
-for info in pkgutil.walk_packages(offload.__path__, "offload.", onerror=onerror):
-    modules.append(info.name)
-    try:
-        importlib.import_module(info.name)
-    except BaseException as e:
-        errors[info.name] = f"{type(e).__name__}: {e}"
-out["modules"] = sorted(modules)
+def walk(package):  # pkgutil.walk_packages would not descend into a stub module with a __path__
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        modules.append(info.name)
+        try:
+            module = importlib.import_module(info.name)
+        except BaseException as e:
+            errors[info.name] = f"{type(e).__name__}: {e}"
+            continue
+        if hasattr(module, "__path__"):
+            walk(module)
+walk(offload)
+out["modules"] = sorted(set(modules))
 out["files"] = {m: getattr(sys.modules.get(m), "__file__", None) for m in sorted(modules)}
+out["paths"] = {m: list(getattr(sys.modules.get(m), "__path__", [])) for m in ("offload.kernels", "offload.quant", "offload.cli")}
 out["errors"] = errors
 dist = md.distribution("moe-offload")
 out["dist_files"] = [str(f) for f in dist.files or []]
@@ -124,10 +128,13 @@ def test_installed_copy_is_the_one_imported(installed):
 
 
 def test_subpackages_import(installed):
-    result, *_ = installed
+    """Each is its stub module in offload/ (offload/_folders.py), a package over its folder in the install."""
+    result, site, *_ = installed
     for name in ("offload.kernels", "offload.quant", "offload.cli"):
         assert name not in result["errors"], result["errors"][name]
-        assert Path(result["files"][name]).name == "__init__.py"
+        short = name.split(".")[1]
+        assert Path(result["files"][name]).resolve() == (site / "offload" / f"{short}.py").resolve()
+        assert [Path(p).resolve() for p in result["paths"][name]] == [(site / "offload" / short).resolve()]
 
 
 def test_every_module_installed_and_importable(installed):
