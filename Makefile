@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml $(LOCK)
 chat: $(STAMP)
 	$(VENV)/bin/offload-chat $(ARGS)
 
-# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+# Names the versions under test, then runs pytest; its exit 5 (nothing collected) is a failure, not a pass.
+VERSIONS := torch transformers kernels tokenizers safetensors huggingface_hub hqq bitsandbytes triton numpy
 define run_tests
+	@$(1)/bin/python -c "import importlib.metadata as m, sys; \
+	print('versions:', ', '.join(f'{n} {m.version(n)}' for n in sys.argv[1:] if list(m.distributions(name=n))))" $(VERSIONS)
 	@$(1)/bin/python -m pytest -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: no tests were collected; that is a failure" >&2; exit 1; fi; \
 	exit $$rc
