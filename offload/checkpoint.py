@@ -120,6 +120,9 @@ class TensorStream:
     def _index_all(self) -> None:
         for file in self.files:
             for name in self._handle(file).keys():
+                if name in self._where:  # which copy a load kept would depend on the order of the shards
+                    raise CheckpointError(f"tensor {name!r} is stored in both {self._where[name].name} and "
+                                          f"{file.name}; remove the stale shard or re-save the checkpoint")
                 self._where[name] = file
             self._close_all()
 

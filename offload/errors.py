@@ -10,4 +10,5 @@ class ModelFormatError(OffloadError, ValueError):
 
 
 class CheckpointError(OffloadError, ValueError):
-    """A safetensors shard or index is missing, truncated or disagrees with config.json."""
+    """A safetensors shard or index, or a packed expert, is missing, truncated, ambiguous or disagrees with
+    config.json or the other experts."""

@@ -75,7 +75,7 @@ def _write(path: Path, spec, adapter, dtype: torch.dtype, out: Path) -> None:
                 key = (int(m[1]), int(m[2]))
                 partial.setdefault(key, {})[m[3]] = tensor
                 if set(partial[key]) == roles_per_expert[key]:  # complete: pack it and free it
-                    blob = pack_expert(dict(sorted(partial.pop(key).items())))
+                    blob = pack_expert(partial.pop(key))
                     blobs.write(bytes(blob.numpy()))
                     index[f"{key[0]}/{key[1]}"] = [offset, blob.numel()]
                     offset += blob.numel()

@@ -2,6 +2,8 @@
 
 Layout: 8-byte magic, uint32 little-endian header length, UTF-8 JSON header (index), then
 each tensor at a 256-aligned offset. unpack_expert returns views into the blob.
+The layout is canonical (entries and a quantized entry's tensors sorted by name, JSON keys sorted), so
+experts with like tensors get byte-identical headers whatever order a checkpoint listed them in.
 """
 from __future__ import annotations
 
@@ -29,21 +31,22 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def pack_expert(entries: Mapping[str, Entry]) -> torch.Tensor:
-    """Pack named weights (quantized or dense) into one uint8 blob on their device."""
+    """Pack named weights (quantized or dense) into one uint8 blob on their device, in the canonical order
+    (sorted by name): the store reads every expert with one index, so the input order must not matter."""
     index: dict[str, Any] = {}
     parts: list[tuple[int, torch.Tensor]] = []
     offset = 0
-    for name, e in entries.items():
+    for name, e in sorted(entries.items()):
         qt = e if isinstance(e, QuantizedTensor) else None
         tensors = qt.tensors if qt else {"data": e}
         slots = {}
-        for key, t in tensors.items():
+        for key, t in sorted(tensors.items()):
             slots[key] = [str(t.dtype).removeprefix("torch."), list(t.shape), offset]
             parts.append((offset, t))
             offset = _align(offset + t.numel() * t.element_size())
         index[name] = {"fmt": qt.fmt if qt else "dense", "shape": list(qt.shape if qt else e.shape),
                        "params": qt.params if qt else {}, "tensors": slots}
-    header = json.dumps({"entries": index}, separators=(",", ":")).encode()
+    header = json.dumps({"entries": index}, separators=(",", ":"), sort_keys=True).encode()
     base = _align(len(MAGIC) + 4 + len(header))
     device = parts[0][1].device if parts else torch.device("cpu")
     raw = torch.zeros(base + offset + ALIGN, dtype=torch.uint8, device=device)

@@ -21,6 +21,9 @@ ARCHS: dict[str, dict] = {
                           num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16,
                           n_routed_experts=8, num_experts_per_tok=2, sliding_window=8),
 }
+# save_pretrained(max_shard_size=...) sizes at which some layer's experts have down_proj in an earlier shard than
+# gate/up and another layer's do not; the other architectures' shards always hold down_proj first.
+SHARD_SIZES = {"gpt_oss": "220KB", "mixtral": "300KB"}
 COMMON = dict(vocab_size=256, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=0)
 
 

@@ -1,4 +1,5 @@
 """Our runtime against transformers 5.23 on tiny perturbed checkpoints of every architecture."""
+import pytest
 import torch
 
 import offload
@@ -8,8 +9,14 @@ def _ids(n: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_prefill_logits_match_transformers(tiny):
-    arch, path, ref = tiny
+@pytest.fixture(params=["one_file", "sharded"])
+def checkpoint(request, tiny):
+    """`tiny`, and the same model saved in small shards that split its experts (conftest.tiny_sharded)."""
+    return tiny if request.param == "one_file" else request.getfixturevalue("tiny_sharded")
+
+
+def test_prefill_logits_match_transformers(checkpoint):
+    arch, path, ref = checkpoint
     ids = _ids(40)
     expected = ref(ids).logits
     got = offload.load(path).forward(ids)
@@ -17,8 +24,8 @@ def test_prefill_logits_match_transformers(tiny):
     assert err <= 1e-4, f"{arch}: relative max|dlogits| {err:.2e}"
 
 
-def test_greedy_generation_matches_transformers(tiny):
-    arch, path, ref = tiny
+def test_greedy_generation_matches_transformers(checkpoint):
+    arch, path, ref = checkpoint
     ids = _ids(12, batch=1, seed=2)
     expected = ref.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
     got = offload.load(path).generate(ids, max_new_tokens=32)

@@ -3,10 +3,13 @@ so moving an expert to the device is a single copy. Pinned on CUDA machines when
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 from offload.quant.pack import pack_expert, read_index, unpack_expert
+
+from ..errors import CheckpointError
 
 ExpertWeights = dict[str, torch.Tensor]
 
@@ -19,15 +22,44 @@ def _pin(blob: torch.Tensor) -> torch.Tensor:
         return blob
 
 
+def _describe(entry: dict[str, Any]) -> str:
+    return entry["fmt"] + " " + ", ".join(f"{key} {dt}{shape} at {off}" for key, (dt, shape, off)
+                                          in entry["tensors"].items())
+
+
+def _difference(index: dict[str, Any], other: dict[str, Any]) -> str:
+    """How blob index `other` differs from `index`, in a few words."""
+    want, got = index["entries"], other["entries"]
+    if list(got) != list(want):
+        return f"entries {list(got)} instead of {list(want)}"
+    for name in want:
+        if got[name] != want[name]:
+            return f"{name!r} is {_describe(got[name])} instead of {_describe(want[name])}"
+    return "its header bytes differ"
+
+
 class HostStore:
-    """(layer, expert) -> blob in host memory; all blobs share one layout (one parsed index). The blobs may
-    be views of a memory-mapped packed checkpoint (offload.packed)."""
+    """(layer, expert) -> blob in host memory; all blobs share one layout (one parsed index), which is checked:
+    a blob read with another blob's index would silently mix up its tensors. The blobs may be views of a
+    memory-mapped packed checkpoint (offload.packed)."""
 
     def __init__(self, blobs: dict[tuple[int, int], torch.Tensor], pin: bool = False) -> None:
         self.pin = pin
         self.blobs = blobs
-        self.index = read_index(next(iter(blobs.values())))
+        first, blob = next(iter(blobs.items()))
+        self.index = read_index(blob)
+        self._check_layouts(first, blob[: self.index["base"]])
         self.blob_bytes = max(b.numel() for b in blobs.values())
+
+    def _check_layouts(self, first: tuple[int, int], header: torch.Tensor) -> None:
+        """Every blob's header bytes equal the first's (a few hundred bytes each, also from a mapped file)."""
+        for (layer, expert), blob in self.blobs.items():
+            if not torch.equal(blob[: header.numel()], header):
+                raise CheckpointError(
+                    f"expert blob (layer {layer}, expert {expert}) is laid out unlike (layer {first[0]}, expert "
+                    f"{first[1]})'s: {_difference(self.index, read_index(blob))}; read with the shared layout its "
+                    "tensors would be mixed up: re-convert the checkpoint with offload-convert (experts packed by "
+                    "hand need the same tensors, dtypes and shapes)")
 
     @classmethod
     def pack(cls, experts: dict[tuple[int, int], ExpertWeights], pin: bool = False) -> "HostStore":
