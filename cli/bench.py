@@ -85,6 +85,15 @@ def routing(model: str = typer.Option("demo"), prompts: int = typer.Option(50, m
     run(model, prompts, capacity, trace=trace, json_out=json_out)
 
 
+@app.command()
+def startup(venv: Path | None = typer.Option(None, help="A venv with moe-offload installed (default: this one)."),
+            runs: int = typer.Option(5, min=1), json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Wall time of `import offload`, each command's --help and a one-shot demo chat, in fresh processes."""
+    from offload.bench.startup import run
+
+    run(venv, runs, str(json_out) if json_out else None)
+
+
 def main() -> None:
     from .common import run_app
 

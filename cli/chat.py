@@ -29,10 +29,8 @@ def chat(
     show_plan: bool = typer.Option(False, "--plan", help="Print the offload plan (with --cache-experts auto)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    import offload
-
     cache = cache_experts if cache_experts in (None, "auto") else _positive_int(cache_experts)
-    lm = offload.load(model, device=device, quant=quant, cache_experts=cache, prefetch=prefetch)
+    lm = _load(model, device=device, quant=quant, cache_experts=cache, prefetch=prefetch)
     if show_plan:
         if lm.plan is None:
             raise typer.BadParameter("--plan needs --cache-experts auto (the planner makes the plan)")
@@ -59,6 +57,27 @@ def chat(
         if text.strip():
             history.append({"role": "user", "content": text})
             history.append({"role": "assistant", "content": _answer(lm, history, options, label="model> ")})
+
+
+def _load(model: str, **options):
+    """offload.load behind a progress display on stderr (a terminal only; gone once loaded): the imports
+    take a second or two, and a first quantized load of a large model minutes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    import offload
+
+    stderr = Console(stderr=True)
+    if not stderr.is_terminal:  # a pipe or a file gets no display (rich would still write a newline)
+        return offload.load(model, **options)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as display:
+        task = display.add_task(f"loading {model}", total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            display.update(task, description=stage, completed=done, total=total)
+
+        return offload.load(model, progress=report, **options)
 
 
 def _positive_int(text: str) -> int:

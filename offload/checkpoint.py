@@ -131,8 +131,15 @@ class TensorStream:
         self._stack = ExitStack()
         self._open.clear()
 
+    def __len__(self) -> int:
+        """How many tensors the checkpoint holds."""
+        if not self._where:
+            self._index_all()
+        return len(self._where)
+
     def __iter__(self) -> Iterator[tuple[Path, str]]:
-        self._index_all()
+        if not self._where:
+            self._index_all()
         try:
             for file in self.files:
                 for name in list(self._handle(file).keys()):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from .archs import adapter_for
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
 from .spec import ModelSpec
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total): reported during the slow stages of a load
 
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(\w+)")
 FP32_ALWAYS = ("router.correction_bias",)  # selection-only bias: transformers keeps it in fp32 too
@@ -43,12 +46,15 @@ def _place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: boo
 
 
 def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
-                 keep_quantized: bool = False) -> LoadedWeights:
+                 keep_quantized: bool = False, progress: Progress | None = None) -> LoadedWeights:
+    """Stream, convert and check every tensor (progress: per checkpoint tensor)."""
     expected = spec.expected_shapes()
     out = LoadedWeights()
     seen: set[str] = set()
     with TensorStream(path) as stream:  # closes the shards even when a check below raises
-        for file, name in stream:
+        for done, (file, name) in enumerate(stream):
+            if progress:
+                progress("reading weights", done, len(stream))
             for canonical, tensor in adapter.convert(name, stream.read):
                 if canonical.startswith("mtp."):
                     out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
@@ -67,6 +73,8 @@ def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, devic
                     out.experts[int(m[1]), int(m[2])][m[3]] = tensor
                 else:
                     out.dense[canonical] = tensor
+        if progress:
+            progress("reading weights", len(stream), len(stream))
     missing = [k for k in expected if k not in seen]
     if missing:
         raise CheckpointError(

@@ -11,7 +11,7 @@ from .engine.recorder import RoutingRecorder
 from .engine.resident import ResidentExperts
 from .engine.store import HostStore
 from .lm import MoEModel
-from .loader import checkpoint_dtype, load_spec, load_weights
+from .loader import Progress, checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
 from .model.predictor import load as load_predictors
 from .packed import is_packed, mapped_blobs, read_packed
@@ -28,7 +28,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
          cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
          miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
          context: int = 4096, quant: str | None = None, memory_budget: int | None = None,
-         predict_from: str = "attention") -> MoEModel:
+         predict_from: str = "attention", progress: Progress | None = None) -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
@@ -42,7 +42,8 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
     smaller than the experts) or "auto" (the planner decides);
     record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
-    offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load.
+    offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load. progress: called as
+    progress(stage, done, total) during the slow stages of a load (offload-chat draws it).
     """
     path, config, spec, adapter = load_spec(source)
     dev = _device(device)
@@ -57,10 +58,10 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     else:
         dtype = dtype or checkpoint_dtype(config)
         weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev,
-                               keep_quantized=quant is not None)
+                               keep_quantized=quant is not None, progress=progress)
         dense, mtp, resident = weights.dense, weights.mtp, weights.experts
         if quant is not None:
-            quantize_weights(dense, resident, quant)
+            quantize_weights(dense, resident, quant, progress)
     model_plan = None
     if not offloaded:
         if resident is None:

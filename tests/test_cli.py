@@ -106,3 +106,14 @@ def test_speculative_bench_small(tmp_path):
         assert r["mtp"]["speculative"]["verify_steps"] > 0
     offloaded = next(r for name, r in report.items() if name.startswith("offloaded"))
     assert offloaded["plain"]["expert_loads_per_token"] > 0
+
+
+def test_startup_bench(tmp_path):
+    """`offload-bench startup` times every command in fresh processes; each must also be quiet on stderr."""
+    out = tmp_path / "startup.json"
+    result = run("offload-bench", "startup", "--runs", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {"import offload", "offload-chat --help", "offload-chat -p (demo)"} <= set(report)
+    assert all(r["median_s"] > 0 for r in report.values())
+    assert [name for name, r in report.items() if not r["quiet"]] == []
