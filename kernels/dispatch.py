@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 from offload.kernels.activations import ACTIVATIONS
-from offload.kernels.cpu import supports_tiles, to_tiles
+from offload.kernels.cpu import prepare_cpu
 from offload.quant.imports import bitsandbytes
 from offload.quant.nf4 import nf4_state
 from offload.quant.tensor import QuantizedTensor
@@ -71,7 +71,7 @@ def prepare(w: QuantizedTensor, backend: str | None = None) -> Prepared:
         return NF4Weight(w)
     if backend == "triton":
         return TritonPrepared.from_quantized(w)
-    return to_tiles(w) if supports_tiles(w) else DequantWeight(w)
+    return prepare_cpu(w) or DequantWeight(w)
 
 
 def qmatmul(x: torch.Tensor, w: QuantizedTensor | Prepared, bias: torch.Tensor | None = None,

@@ -1,10 +1,13 @@
-"""The hand-written AVX2 GEMV (q_gemv.c), compiled on first use with the system C compiler.
+"""Our GEMV (q_gemv.c), compiled on first use with the system C compiler, once per instruction set.
 
-One small C file needs no build system: `cc -O3 -mavx2 -mfma -fopenmp -shared` takes under a second, the
-library is cached under ~/.cache/moe-offload (written to a temporary name, then renamed) keyed by a hash
-of the source and the command, and called through ctypes, which releases the GIL for the call. Without a
-compiler, on a CPU without AVX2/FMA, or with MOE_OFFLOAD_NATIVE=0, `library()` is None and the caller
-keeps torch's int4pack kernel; the reason is logged once.
+One small C file needs no build system: `cc -O3 -fopenmp -shared` takes about a second. It is built for
+AVX2 + FMA (8-float vectors) or AVX-512 F/BW/VL (16-float vectors: the same source with -DVEC=16), the best
+one this CPU runs unless MOE_OFFLOAD_ISA says otherwise (avx2 | avx512 | portable; MOE_OFFLOAD_NATIVE=0 is
+"portable"). Builds are cached under ~/.cache/moe-offload (or $MOE_OFFLOAD_CACHE), written to a temporary
+name and then renamed, keyed by a hash of the source and the whole command, so the two builds never
+collide. Calls go through ctypes, which releases the GIL. Without a compiler, on a CPU without AVX2/FMA,
+when the build fails, or when "portable" is asked for, there is no kernel and the caller takes the
+portable path (offload.kernels.cpu); the reason is logged once.
 """
 from __future__ import annotations
 
@@ -15,14 +18,17 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("q_gemv.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-MAX_ROWS = 8  # x rows (tokens) per call; larger batches are GEMMs, where torch's int4pack kernel is good
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+ISA_FLAGS = {"avx2": ("-mavx2", "-mfma", "-DVEC=8"),
+             "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-DVEC=16")}
+CHOICES = (*ISA_FLAGS, "portable")
 log = logging.getLogger(__name__)
 
 
@@ -31,10 +37,28 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(compiler: str) -> Path:
-    command = (compiler, *FLAGS)
+def cpu_isas() -> tuple[str, ...]:
+    """The builds this CPU can run, best last. torch's capability check covers what they use (its AVX512
+    level needs F, BW, VL, DQ and FMA)."""
+    return {"AVX512": ("avx2", "avx512"), "AVX2": ("avx2",)}.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
+def chosen_isa() -> str | None:
+    """The build the environment asks for, else the best this CPU has; None = portable path."""
+    if os.environ.get("MOE_OFFLOAD_NATIVE", "1") == "0":
+        return None
+    asked = os.environ.get("MOE_OFFLOAD_ISA", "").lower()
+    if asked and asked not in CHOICES:
+        raise ValueError(f"MOE_OFFLOAD_ISA={asked!r}: use one of {list(CHOICES)}")
+    if asked:
+        return None if asked == "portable" else asked
+    return cpu_isas()[-1] if cpu_isas() else None
+
+
+def _compile(compiler: str, isa: str) -> Path:
+    command = (compiler, *COMMON_FLAGS, *ISA_FLAGS[isa])
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
-    target = cache_dir() / f"q_gemv-{key}.so"
+    target = cache_dir() / f"q_gemv-{isa}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -48,45 +72,65 @@ def _compile(compiler: str) -> Path:
     return target
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with the reason logged) when it cannot be had here."""
-    if os.environ.get("MOE_OFFLOAD_NATIVE", "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        log.info("native GEMV off: this CPU has no AVX2")
+@dataclass(frozen=True)
+class Gemv:
+    """One loaded build of q_gemv.c."""
+
+    isa: str
+    lib: ctypes.CDLL
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, codes: str, scale_zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+        """x float32 [M, K] (contiguous) -> float32 [M, n_pad]; packed (tiles of `codes`: "int4", "int2" or
+        "fp4") and scale_zeros as in offload.kernels.cpu.TileWeight. Any M (2 or 4 rows per pass)."""
+        m, k = x.shape
+        n_pad = scale_zeros.shape[1]
+        y = torch.empty(m, n_pad, dtype=torch.float32)
+        xsum = torch.empty(m, k // group_size, dtype=torch.float32)
+        if codes == "fp4":
+            self.lib.fp4_gemv(x.data_ptr(), m, k, packed.data_ptr(), scale_zeros.data_ptr(), n_pad, group_size,
+                              xsum.data_ptr(), y.data_ptr())
+        else:
+            self.lib.q_gemv(x.data_ptr(), m, k, packed.data_ptr(), 2 if codes == "int2" else 4,
+                            scale_zeros.data_ptr(), n_pad, group_size, xsum.data_ptr(), y.data_ptr())
+        return y
+
+
+@lru_cache(maxsize=None)
+def build(isa: str) -> Gemv | None:
+    """The `isa` build ("avx2" | "avx512"), or None (the reason logged once) when it cannot run here."""
+    if isa not in cpu_isas():
+        log.warning("native GEMV off: this CPU cannot run the %s build (torch reports %s); using the portable path",
+                    isa, torch.backends.cpu.get_cpu_capability())
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.warning("native GEMV off: no C compiler (set CC); using torch's int4pack kernel")
+        log.warning("native GEMV off: no C compiler (set CC); using the portable path")
         return None
     try:
-        lib = ctypes.CDLL(str(_compile(compiler)))
+        lib = ctypes.CDLL(str(_compile(compiler, isa)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        log.warning("native GEMV off: building %s failed (%s); using torch's int4pack kernel", SOURCE.name, detail)
+        log.warning("native GEMV off: building %s failed (%s); using the portable path", SOURCE.name, detail)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.q_gemv.argtypes = (p, i, i, p, i, p, i, i, p, p)
     lib.q_gemv.restype = None
     lib.fp4_gemv.argtypes = (p, i, i, p, p, i, i, p, p)
     lib.fp4_gemv.restype = None
-    return lib
+    return Gemv(isa, lib)
 
 
-def q_gemv(x: torch.Tensor, packed: torch.Tensor, codes: str, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x float32 [M, K] (contiguous) -> float32 [M, n_pad]; packed (tiles of `codes`: "int4", "int2" or "fp4")
-    and scale_zeros as in offload.kernels.cpu.TileWeight. Any M works (two rows per pass over the weight);
-    beyond MAX_ROWS, torch's int4pack GEMM is faster where it applies."""
-    lib = library()
-    m, k = x.shape
-    n_pad = scale_zeros.shape[1]
-    y = torch.empty(m, n_pad, dtype=torch.float32)
-    xsum = torch.empty(m, k // group_size, dtype=torch.float32)
-    if codes == "fp4":
-        lib.fp4_gemv(x.data_ptr(), m, k, packed.data_ptr(), scale_zeros.data_ptr(), n_pad, group_size,
-                     xsum.data_ptr(), y.data_ptr())
-    else:
-        lib.q_gemv(x.data_ptr(), m, k, packed.data_ptr(), 2 if codes == "int2" else 4, scale_zeros.data_ptr(),
-                   n_pad, group_size, xsum.data_ptr(), y.data_ptr())
-    return y
+def gemv() -> Gemv | None:
+    """The build to use now (chosen_isa), or None for the portable path."""
+    isa = chosen_isa()
+    if isa is None:
+        if os.environ.get("MOE_OFFLOAD_NATIVE", "1") != "0" and not os.environ.get("MOE_OFFLOAD_ISA"):
+            _log_no_isa()
+        return None
+    return build(isa)
+
+
+@lru_cache(maxsize=1)
+def _log_no_isa() -> None:
+    log.info("native GEMV off: this CPU has no AVX2; using the portable path")

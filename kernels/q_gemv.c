@@ -1,127 +1,178 @@
-/* Batch-1..8 GEMV over 4-bit (int4pack, AVX2), 2-bit and FP4 (MXFP4) tiles: y[m, n] = sum_k x[m, k] * w[n, k].
+/* GEMV over our 4-bit, 2-bit and FP4 (MXFP4) tiles: y[m, n] = sum_k x[m, k] * w[n, k], any number of rows m.
  *
- * Weights are the prepared CPU forms of offload.kernels.cpu (FORMAT.md), in tiles of 64 rows:
+ * Weights are the prepared CPU forms of offload.kernels.cpu, in our own tile layout (FORMAT.md), tiles of 64 rows:
  *   4-bit: two 32-row blocks; for every column k 16 bytes, byte j = row j (bits 0-3) | row 16 + j (bits 4-7).
  *   2-bit: for every column k 16 bytes, byte j = rows j, 32 + j, 16 + j, 48 + j at bits 0, 2, 4, 6.
  *   FP4:   the 4-bit layout holding e2m1 codes (MXFP4); a 16-entry table turns them into 2 * value, exact int8.
  * Per group of `group` columns a bf16 pair (scale s, offset z) per row, [K / group, n_pad, 2], with
  * w = (code - centre) * s + z (centre 8 for 4-bit nibbles, 2 for 2-bit codes; FP4: w = table[code] * s).
  *
- * Why by hand: torch's _weight_int4pack_mm_for_cpu reaches ~20% of the streaming-read roofline at M = 1
- * on AVX2, and has no 2-bit form. Each pass walks its columns once: a column's 16 bytes become 8-row float
- * vectors by one mask and one convert each, with no shift: a code masked in place is code * 2^shift, and
- * that power of two is divided out once per group. The vectors meet x[k] in one FMA each; scale and offset
- * are applied once per group: sum_k w x = s * (sum_k code x - centre X_g) + z X_g, X_g the group's sum of x.
+ * One source, compiled once per instruction set by offload.kernels.native: VEC = 8 (AVX2 + FMA, 8-float ymm
+ * vectors) or VEC = 16 (AVX-512 F/BW/VL, 16-float zmm vectors, twice the registers). A column's 16 bytes
+ * are 16 rows of one byte each, so they fill 16 / VEC vectors per mask.
+ *
+ * Why by hand: torch's _weight_int4pack_mm_for_cpu reads bf16 activations, reaches ~20% of the streaming-read
+ * roofline at M = 1 on AVX2, has no 2-bit or FP4 form, and its tile layout depends on the CPU. Each pass
+ * walks its columns once: a column's bytes become float vectors by one mask and one convert each, with no
+ * shift: a code masked in place is code * 2^shift, and that power of two is divided out once per group. The
+ * vectors meet x[k] in one FMA each; scale and offset are applied once per group:
+ * sum_k w x = s * (sum_k code x - centre X_g) + z X_g, X_g the group's sum of x.
  * Tiles are split across OpenMP threads (torch's own libgomp, so the pools are shared), one tile per
  * thread at a time, so the result does not depend on the thread count.
  */
 #include <immintrin.h>
 #include <stdint.h>
 
-#define MT_MAX 2 /* x rows per pass */
-#define NV_MAX 8 /* 8-row weight vectors per column and pass */
+#if VEC == 16
+typedef __m512 vf;
+typedef __m512i vi;
+#define vf_zero _mm512_setzero_ps
+#define vf_set1 _mm512_set1_ps
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_add _mm512_add_ps
+#define vf_mul _mm512_mul_ps
+#define vf_fmadd _mm512_fmadd_ps
+#define vf_fmsub _mm512_fmsub_ps
+#define vi_load(p) _mm512_loadu_si512((const void *)(p))
+#define vi_and _mm512_and_si512
+#define vi_set1 _mm512_set1_epi32
+#define vi_slli _mm512_slli_epi32
+#define vi_float _mm512_cvtepi32_ps
+#define vi_bits _mm512_castsi512_ps
+#define u8_lanes(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p))) /* 16 bytes -> 16 int32 */
+#define i8_lanes(v) _mm512_cvtepi8_epi32(v)
+#define SETS_MAX 4 /* independent accumulator sets per pass: 32 registers leave room for 16 accumulators */
+#define ACC_REGS 16
+#define MT_MAX 4 /* x rows per pass */
+#elif VEC == 8
+typedef __m256 vf;
+typedef __m256i vi;
+#define vf_zero _mm256_setzero_ps
+#define vf_set1 _mm256_set1_ps
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_add _mm256_add_ps
+#define vf_mul _mm256_mul_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vf_fmsub _mm256_fmsub_ps
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vi_and _mm256_and_si256
+#define vi_set1 _mm256_set1_epi32
+#define vi_slli _mm256_slli_epi32
+#define vi_float _mm256_cvtepi32_ps
+#define vi_bits _mm256_castsi256_ps
+#define u8_lanes(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))) /* 8 bytes -> 8 int32 */
+#define i8_lanes(v) _mm256_cvtepi8_epi32(v)
+#define SETS_MAX 2
+#define ACC_REGS 8
+#define MT_MAX 2
+#else
+#error "compile with -DVEC=8 (AVX2) or -DVEC=16 (AVX-512)"
+#endif
 
-/* One column k of a pass: its 16 bytes (b0 = bytes 0-7, b1 = bytes 8-15, one row per byte) become nv
- * vectors of 8 floats, vector v = b[v % 2] & masks[v / 2], i.e. a code times the power of two its mask
- * starts at; they meet x[m, k] in nv FMAs per m. */
-static inline __attribute__((always_inline)) void column(const float *x, int mt, int K, int k, const uint8_t *blk,
-                                                         const int *masks, int nv, __m256 acc[MT_MAX][NV_MAX]) {
+#define LOADS (16 / VEC)   /* vectors one mask makes of a column's 16 bytes */
+#define NV_MAX (64 / VEC)  /* vectors per column of a 64-row (2-bit) tile */
+#define INLINE static inline __attribute__((always_inline))
+
+/* One column k of a pass: its 16 bytes (one row per byte) become nv vectors of VEC floats,
+ * vector v = bytes[v % LOADS] & masks[v / LOADS], i.e. a code times the power of two its mask starts at;
+ * they meet x[m, k] in nv FMAs per m. */
+INLINE void column(const float *x, int mt, int K, int k, const uint8_t *blk, const int *masks, int nv,
+                   vf acc[MT_MAX][NV_MAX]) {
     const uint8_t *p = blk + (long)k * 16;
-    const __m256i b[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
-                          _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
-    __m256 w[NV_MAX];
-    for (int v = 0; v < nv; v++) w[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b[v % 2], _mm256_set1_epi32(masks[v / 2])));
+    vi b[LOADS];
+    for (int l = 0; l < LOADS; l++) b[l] = u8_lanes(p + l * VEC);
+    vf w[NV_MAX];
+    for (int v = 0; v < nv; v++) w[v] = vi_float(vi_and(b[v % LOADS], vi_set1(masks[v / LOADS])));
     for (int m = 0; m < mt; m++) {
-        __m256 xv = _mm256_broadcast_ss(x + (long)m * K + k);
-        for (int v = 0; v < nv; v++) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
+        vf xv = vf_set1(x[(long)m * K + k]);
+        for (int v = 0; v < nv; v++) acc[m][v] = vf_fmadd(w[v], xv, acc[m][v]);
     }
 }
 
-/* The same for FP4 (4 vectors): the e2m1 codes of rows 0-15 (low nibbles) and 16-31 (high nibbles) become
- * 2 * value through a 16-entry byte table, exact as int8. */
-static inline __attribute__((always_inline)) void column_fp4(const float *x, int mt, int K, int k, const uint8_t *blk,
-                                                             __m256 acc[MT_MAX][NV_MAX]) {
+/* The same for FP4 (32 rows, 32 / VEC vectors): the e2m1 codes of rows 0-15 (low nibbles) and 16-31 (high
+ * nibbles) become 2 * value through a 16-entry byte table, exact as int8. */
+INLINE void column_fp4(const float *x, int mt, int K, int k, const uint8_t *blk, vf acc[MT_MAX][NV_MAX]) {
     const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
     const __m128i nibble = _mm_set1_epi8(0x0F), raw = _mm_loadu_si128((const __m128i *)(blk + (long)k * 16));
     const __m128i low = _mm_shuffle_epi8(table, _mm_and_si128(raw, nibble));
     const __m128i high = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), nibble));
-    const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low)),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8))),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)))};
+    const __m128i rows8[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)}; /* 8 rows each */
+    vf w[32 / VEC];
+    for (int v = 0; v < 32 / VEC; v++) w[v] = vi_float(i8_lanes(rows8[v * (VEC / 8)]));
     for (int m = 0; m < mt; m++) {
-        __m256 xv = _mm256_broadcast_ss(x + (long)m * K + k);
-        for (int v = 0; v < 4; v++) acc[m][v] = _mm256_fmadd_ps(w[v], xv, acc[m][v]);
+        vf xv = vf_set1(x[(long)m * K + k]);
+        for (int v = 0; v < 32 / VEC; v++) acc[m][v] = vf_fmadd(w[v], xv, acc[m][v]);
     }
 }
 
-/* 8 * nv rows (vector v holds rows 8v..8v+7) for mt rows of x, all K columns. `mt` and `nv` are constants
+/* VEC * nv rows (vector v holds rows VEC*v ..) for mt rows of x, all K columns. `mt` and `nv` are constants
  * at every call site, so the compiler unrolls the loops over them and keeps the accumulators in registers:
- * 8 of them, with even and odd columns in separate sets when mt * nv = 4, so that the loop waits on loads,
- * not on FMA latency. */
-static inline __attribute__((always_inline)) void rows_pass(const float *x, int mt, int K, const uint8_t *blk,
-                                                            const int *masks, int nv, float centre,
-                                                            const uint32_t *sz_rows, long sz_group_stride, int group,
-                                                            const float *xsum, int n_groups, float *out[MT_MAX]) {
-    const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
-    const int sets = 8 / (mt * nv) >= 2 ? 2 : 1;
-    const __m256 centre_v = _mm256_set1_ps(centre);
-    /* Group results add up in `out` itself (L1), not in registers: the column loop needs all 16. */
+ * up to ACC_REGS of them, in `sets` independent sets over consecutive columns, so that the loop waits on
+ * loads, not on FMA latency. */
+INLINE void rows_pass(const float *x, int mt, int K, const uint8_t *blk, const int *masks, int nv, float centre,
+                      const uint32_t *sz_rows, long sz_group_stride, int group, const float *xsum, int n_groups,
+                      float *out[MT_MAX]) {
+    const vi high_half = vi_set1((int)0xFFFF0000u);
+    const int fit = ACC_REGS / (mt * nv), sets = fit >= SETS_MAX ? SETS_MAX : (fit >= 2 ? 2 : 1);
+    const vf centre_v = vf_set1(centre);
+    /* Group results add up in `out` itself (L1), not in registers: the column loop needs them all. */
     for (int m = 0; m < mt; m++)
-        for (int v = 0; v < nv; v++) _mm256_storeu_ps(out[m] + v * 8, _mm256_setzero_ps());
+        for (int v = 0; v < nv; v++) vf_store(out[m] + v * VEC, vf_zero());
 
     for (int g = 0; g < n_groups; g++) {
-        __m256 acc[2][MT_MAX][NV_MAX];
+        vf acc[SETS_MAX][MT_MAX][NV_MAX];
         for (int t = 0; t < sets; t++)
             for (int m = 0; m < mt; m++)
-                for (int v = 0; v < nv; v++) acc[t][m][v] = _mm256_setzero_ps();
+                for (int v = 0; v < nv; v++) acc[t][m][v] = vf_zero();
         const int k0 = g * group;
-        for (int k = k0; k < k0 + group; k += 2) { /* group sizes are even */
-            if (masks) {
-                column(x, mt, K, k, blk, masks, nv, acc[0]);
-                column(x, mt, K, k + 1, blk, masks, nv, acc[sets - 1]);
-            } else {
-                column_fp4(x, mt, K, k, blk, acc[0]);
-                column_fp4(x, mt, K, k + 1, blk, acc[sets - 1]);
+        for (int k = k0; k < k0 + group; k += SETS_MAX) { /* group sizes are multiples of 4 */
+            for (int u = 0; u < SETS_MAX; u++) {
+                if (masks)
+                    column(x, mt, K, k + u, blk, masks, nv, acc[u % sets]);
+                else
+                    column_fp4(x, mt, K, k + u, blk, acc[u % sets]);
             }
         }
-        if (sets == 2)
+        for (int t = 1; t < sets; t++)
             for (int m = 0; m < mt; m++)
-                for (int v = 0; v < nv; v++) acc[0][m][v] = _mm256_add_ps(acc[0][m][v], acc[1][m][v]);
+                for (int v = 0; v < nv; v++) acc[0][m][v] = vf_add(acc[0][m][v], acc[t][m][v]);
         const uint32_t *sz = sz_rows + (long)g * sz_group_stride;
         for (int v = 0; v < nv; v++) {
             /* little endian: a (s, z) bf16 pair is one uint32 with s in the low half */
-            __m256i pair = _mm256_loadu_si256((const __m256i *)(sz + v * 8));
-            __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-            __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
-            const int mask = masks ? masks[v / 2] : 1;
-            const __m256 unshift = _mm256_set1_ps(1.0f / (float)(mask & -mask)); /* 1 / the mask's lowest bit */
+            vi pair = vi_load(sz + v * VEC);
+            vf s = vi_bits(vi_slli(pair, 16));
+            vf z = vi_bits(vi_and(pair, high_half));
+            const int mask = masks ? masks[v / LOADS] : 1;
+            const vf unshift = vf_set1(1.0f / (float)(mask & -mask)); /* 1 / the mask's lowest bit */
             for (int m = 0; m < mt; m++) {
-                __m256 xs = _mm256_set1_ps(xsum[m * n_groups + g]);
-                __m256 centred = _mm256_fmsub_ps(acc[0][m][v], unshift, _mm256_mul_ps(centre_v, xs)); /* sum code x - centre X_g */
-                __m256 total = _mm256_fmadd_ps(s, centred, _mm256_loadu_ps(out[m] + v * 8));
-                _mm256_storeu_ps(out[m] + v * 8, _mm256_fmadd_ps(z, xs, total));
+                vf xs = vf_set1(xsum[m * n_groups + g]);
+                vf centred = vf_fmsub(acc[0][m][v], unshift, vf_mul(centre_v, xs)); /* sum code x - centre X_g */
+                vf total = vf_fmadd(s, centred, vf_load(out[m] + v * VEC));
+                vf_store(out[m] + v * VEC, vf_fmadd(z, xs, total));
             }
         }
     }
 }
+
+/* Calls `call_with_mt` with a constant mt (1..MT_MAX), so each case is specialised. */
+#if MT_MAX == 4
+#define MORE_ROWS(call_with_mt) case 3: call_with_mt(3); break; case 4: call_with_mt(4); break;
+#else
+#define MORE_ROWS(call_with_mt)
+#endif
+#define BY_ROWS(mt, call_with_mt)                                                                                  \
+    switch (mt) {                                                                                                  \
+    case 1: call_with_mt(1); break;                                                                                \
+    case 2: call_with_mt(2); break;                                                                                \
+    MORE_ROWS(call_with_mt)                                                                                        \
+    }
 
 /* Masks of a 4-bit 32-row block: rows 0-15 (low), rows 16-31 (high). */
 static const int MASKS_4BIT[2] = {0x0F, 0xF0};
 /* A whole 2-bit tile in one pass: rows 0-15, 16-31, 32-47, 48-63. */
 static const int MASKS_2BIT_TILE[4] = {0x03, 0x30, 0x0C, 0xC0};
-
-/* One 32-row block for mt <= 2 rows of x; called with constant masks (NULL: FP4), so each call site is
- * specialised. */
-static inline __attribute__((always_inline)) void block(const float *x, int mt, int K, const uint8_t *blk,
-                                                        const int *masks, float centre, const uint32_t *sz_rows,
-                                                        int n_pad, int group, const float *xsum, int n_groups,
-                                                        float *out[MT_MAX]) {
-    if (mt == 2)
-        rows_pass(x, 2, K, blk, masks, 4, centre, sz_rows, n_pad, group, xsum, n_groups, out);
-    else
-        rows_pass(x, 1, K, blk, masks, 4, centre, sz_rows, n_pad, group, xsum, n_groups, out);
-}
 
 /* Per-group sums of x, X_g = sum over the group's columns of x[m, k]: [M, K / group]. */
 static void group_sums(const float *x, int M, int K, int group, float *xsum) {
@@ -152,21 +203,23 @@ void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const
             for (int h = 0; h < 2; h++)
                 for (int m = 0; m < mt; m++) out[h][m] = y_tile + (long)(m0 + m) * n_pad + h * 32;
             if (bits == 4) {
-                block(xm, mt, K, tile, MASKS_4BIT, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
-                block(xm, mt, K, tile + (long)K * 16, MASKS_4BIT, 8.0f, sz_tile + 32, n_pad, group, xs, n_groups, out[1]);
-            } else { /* a whole 2-bit tile per pass: 8 vectors share each column's two byte loads; at mt = 2
-                      * the 16 accumulators spill a few to L1, still well ahead of two passes over the bytes */
-                if (mt == 2)
-                    rows_pass(xm, 2, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
-                else
-                    rows_pass(xm, 1, K, tile, MASKS_2BIT_TILE, 8, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);
+#define HALVES(MT)                                                                                                \
+    rows_pass(xm, MT, K, tile, MASKS_4BIT, 32 / VEC, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);          \
+    rows_pass(xm, MT, K, tile + (long)K * 16, MASKS_4BIT, 32 / VEC, 8.0f, sz_tile + 32, n_pad, group, xs,         \
+              n_groups, out[1])
+                BY_ROWS(mt, HALVES)
+            } else { /* a whole 2-bit tile per pass: its vectors share each column's byte loads (on AVX2 at
+                      * mt = 2 the 16 accumulators spill a few to L1, still well ahead of two passes) */
+#define TILE2(MT)                                                                                                 \
+    rows_pass(xm, MT, K, tile, MASKS_2BIT_TILE, 64 / VEC, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0])
+                BY_ROWS(mt, TILE2)
             }
         }
     }
 }
 
 /* The same over FP4 tiles (4-bit layout; MXFP4's 32-column groups, z = 0). A function of its own: sharing
- * q_gemv's body changed how the compiler allocated registers in the 2-bit pass (10% slower). */
+ * q_gemv's body changed how the compiler allocated registers in the 2-bit pass (10% slower, AVX2). */
 void fp4_gemv(const float *x, int M, int K, const uint8_t *packed, const uint32_t *sz, int n_pad, int group,
               float *xsum, float *y) {
     const int n_groups = K / group, n_blocks = n_pad / 32;
@@ -177,8 +230,11 @@ void fp4_gemv(const float *x, int M, int K, const uint8_t *packed, const uint32_
             const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
             float *out[MT_MAX];
             for (int m = 0; m < mt; m++) out[m] = y + (long)(m0 + m) * n_pad + (long)b * 32;
-            block(x + (long)m0 * K, mt, K, packed + (long)b * K * 16, 0, 0.0f, sz + (long)b * 32, n_pad, group,
-                  xsum + m0 * n_groups, n_groups, out);
+            const float *xm = x + (long)m0 * K, *xs = xsum + m0 * n_groups;
+#define FP4(MT)                                                                                                   \
+    rows_pass(xm, MT, K, packed + (long)b * K * 16, 0, 32 / VEC, 0.0f, sz + (long)b * 32, n_pad, group, xs,       \
+              n_groups, out)
+            BY_ROWS(mt, FP4)
         }
     }
 }

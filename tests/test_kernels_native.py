@@ -1,4 +1,7 @@
-"""The AVX2 GEMV (kernels/q_gemv.c) against a float64 reference built from the same prepared tiles."""
+"""Every CPU path this machine can run, against float64 references: our GEMV's AVX2 build, its AVX-512 build
+(skipped only where the CPU lacks AVX-512), the portable path (torch's int4pack kernel after an exact
+conversion of our tiles; MXFP4 dequantized), and the cases that end there (no compiler, a failed build, no
+AVX2, a build the CPU cannot run). Nothing assumes which CPU CI has, nor which layout torch packs."""
 import os
 import subprocess
 import sys
@@ -7,15 +10,30 @@ import pytest
 import torch
 from offload.bench.kernels import random_mxfp4
 from offload.kernels import native, prepare
-from offload.kernels.cpu import TileWeight
+from offload.kernels.cpu import Int4PackWeight, TileWeight
 from offload.quant import quantize
 from offload.quant.layout import unpack_codes
 from offload.quant.mxfp4 import FP4_VALUES
 
+PATHS = ("avx2", "avx512", "portable")
+ROWS = (1, 2, 3, 4, 5, 8, 9, 17)  # 1-4 rows per pass, remainders, beyond the old 8-row limit
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Prepare for one path: MOE_OFFLOAD_ISA is read at every prepare (whatever the outer environment says)."""
+    if request.param != "portable" and request.param not in native.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    monkeypatch.delenv("MOE_OFFLOAD_NATIVE", raising=False)
+    monkeypatch.setenv("MOE_OFFLOAD_ISA", request.param)
+    if request.param != "portable":
+        assert native.build(request.param) is not None  # the machines of this project have a compiler
+    return request.param
+
 
 def tiles_reference(p: TileWeight) -> torch.Tensor:
-    """The weight the prepared tiles encode, float64 [n_pad, K]: (code - 2^(bits-1)) * s + z per group, or
-    2 * e2m1(code) * s for FP4."""
+    """The weight our tiles encode, float64 [n_pad, K]: (code - 2^(bits-1)) * s + z per group, or
+    2 * e2m1(code) * s for FP4 (read back with the layout's own unpacker, not the kernel's logic)."""
     k = p.scale_zeros.shape[0] * p.group_size
     bits = 2 if p.codes == "int2" else 4
     codes = unpack_codes({"qweight": p.packed}, bits, k)
@@ -25,65 +43,67 @@ def tiles_reference(p: TileWeight) -> torch.Tensor:
     return (codes.double() - 2 ** (bits - 1)) * s + z
 
 
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
 def test_builds_on_this_machine():
-    """CI and the development machines have AVX2 and a C compiler: the fast path must really be taken."""
-    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    assert native.library() is not None
-    assert list(native.cache_dir().glob("q_gemv-*.so"))
+    """CI and the development machines are x86-64 with AVX2 and a C compiler: the fast path must really be
+    there, and by default the best build the CPU runs is taken."""
+    assert "avx2" in native.cpu_isas()
+    for isa in native.cpu_isas():
+        assert native.build(isa).isa == isa
+        assert list(native.cache_dir().glob(f"q_gemv-{isa}-*.so"))
+    if "MOE_OFFLOAD_NATIVE" not in os.environ and "MOE_OFFLOAD_ISA" not in os.environ:
+        assert native.gemv().isa == native.cpu_isas()[-1]
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (2, 32)])
-def test_gemv_matches_reference(bits, group, m):
-    torch.manual_seed(bits * 1000 + group + m)
-    p = prepare(quantize(torch.randn(96, 384), bits, group))  # 96 rows: a padded 32-row block
-    x = torch.randn(m, 384)
-    assert p.codes == ("int2" if bits == 2 else "int4")  # 2-bit tiles are read as stored; 3-bit ones become nibbles
-    y = native.q_gemv(x, p.packed, p.codes, p.scale_zeros, group)
-    ref = x.double() @ tiles_reference(p).t()
-    assert y.shape == (m, 128)
-    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
-
-
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
-def test_mxfp4_matches_its_dequantized_weight(m):
-    """MXFP4 (gpt-oss experts) on the CPU: our GEMV on the e2m1 codes as they are, at any number of rows."""
-    qt = random_mxfp4((100, 320), seed=m)  # 100 rows: a padded 64-row tile
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (3, 64), (3, 128), (2, 32), (2, 128)])
+def test_hqq_matches_reference(path, bits, group):
+    torch.manual_seed(bits * 1000 + group)
+    qt = quantize(torch.randn(100, 512), bits, group)  # 100 rows: a padded tile
     p = prepare(qt)
-    assert isinstance(p, TileWeight) and p.codes == "fp4"
-    x = torch.randn(m, 320)
-    ref = x.double() @ qt.dequantize(torch.float64).t()
-    assert torch.equal(tiles_reference(p)[:100], qt.dequantize(torch.float64))  # the tiles hold the same weight
-    y = p.matmul(x)
-    assert y.shape == (m, 100)
-    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_matmul_takes_it_up_to_eight_rows_and_agrees_with_torchs_kernel(bits):
-    torch.manual_seed(bits)
-    p = prepare(quantize(torch.randn(160, 512), bits, 64))
-    for m in (1, 8, 9):  # 9 rows go to torch's int4pack kernel
+    dense = qt.dequantize(torch.float64)
+    for m in ROWS:
         x = torch.randn(m, 512)
         y = p.matmul(x)
-        ref = x.double() @ tiles_reference(p)[:160].t()
-        torch_kernel = p.matmul_int4pack(x)[:, :160].double()
-        scale = ref.abs().max()
-        assert float((y.double() - ref).abs().max() / scale) < (1e-5 if m <= native.MAX_ROWS else 1e-2)
-        assert float((torch_kernel - ref).abs().max() / scale) < 1e-2
+        assert y.shape == (m, 100) and y.dtype == torch.float32
+        if path == "portable":  # torch's kernel: bf16 activations and output, fp32 sums
+            assert isinstance(p, Int4PackWeight)
+            assert rel(y, x.bfloat16().double() @ dense.t()) < 8e-3
+        else:
+            assert isinstance(p, TileWeight) and p.gemv.isa == path
+            assert p.codes == ("int2" if bits == 2 else "int4")  # 2-bit read as stored; 3-bit become nibbles
+            assert rel(y, x.double() @ tiles_reference(p)[:100].t()) < 1e-5  # the kernel: exact in fp32
+            assert rel(y, x.double() @ dense.t()) < 5e-3  # the tiles: the weight, up to bf16 (s, z') pairs
+
+
+def test_mxfp4_matches_its_dequantized_weight(path):
+    """MXFP4 (gpt-oss experts): our GEMV on the e2m1 codes as they are; the portable path dequantizes."""
+    qt = random_mxfp4((100, 320), seed=3)
+    p = prepare(qt)
+    dense = qt.dequantize(torch.float64)
+    if path != "portable":
+        assert isinstance(p, TileWeight) and p.codes == "fp4"
+        assert torch.equal(tiles_reference(p)[:100], dense)  # the tiles hold the same weight, exactly
+    for m in ROWS:
+        x = torch.randn(m, 320)
+        assert rel(p.matmul(x), x.double() @ dense.t()) < 1e-5
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_result_does_not_depend_on_thread_count(bits):
+def test_result_does_not_depend_on_thread_count(path, bits):
+    if path == "portable":
+        pytest.skip("torch's kernel: not ours to promise")
     torch.manual_seed(1)
-    p = prepare(quantize(torch.randn(2048, 256), bits, 64))  # enough blocks for the parallel loop
-    x = torch.randn(2, 256)
+    p = prepare(quantize(torch.randn(2048, 256), bits, 64))  # enough tiles for the parallel loop
+    x = torch.randn(3, 256)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.q_gemv(x, p.packed, p.codes, p.scale_zeros, 64)
+        one = p.matmul(x)
         torch.set_num_threads(2)
-        two = native.q_gemv(x, p.packed, p.codes, p.scale_zeros, 64)
+        two = p.matmul(x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -92,42 +112,53 @@ def test_result_does_not_depend_on_thread_count(bits):
 FALLBACK = """
 import logging, torch
 logging.basicConfig(level=logging.INFO, format="%(message)s")
+from offload.bench.kernels import random_hqq
 from offload.kernels import native, prepare
-from offload.quant import quantize
+from offload.kernels.cpu import Int4PackWeight
 from offload.quant.mxfp4 import from_mxfp4
 torch.manual_seed(0)
-x = torch.randn(1, 128)
-same = []
-for bits in (4, 2):
-    p = prepare(quantize(torch.randn(64, 128), bits, 32))
-    same.append(p.codes == "int4" and torch.equal(p.matmul(x), p.matmul_int4pack(x)[:, :64].float()))
+x = torch.randn(3, 128)
+good = []
+for bits in (4, 3, 2):
+    qt = random_hqq(bits, 32, (64, 128))
+    p = prepare(qt)
+    ref = x.bfloat16().double() @ qt.dequantize(torch.float64).t()
+    good.append(isinstance(p, Int4PackWeight) and float((p.matmul(x) - ref).abs().max() / ref.abs().max()) < 8e-3)
 blocks = torch.randint(0, 256, (64, 4, 16), dtype=torch.uint8)
 fp4 = from_mxfp4(blocks, torch.full((64, 4), 127, dtype=torch.uint8))
-same.append(torch.equal(prepare(fp4).matmul(x), x @ fp4.dequantize(torch.float32).t()))  # dequantizes
-print("library", native.library() is not None, "torch kernel", all(same))
+good.append(torch.equal(prepare(fp4).matmul(x), x @ fp4.dequantize(torch.float32).t()))  # dequantizes
+print("kernel", native.gemv() is not None, "portable path right", all(good))
 """
 
 
 @pytest.mark.parametrize("env,reason", [({"MOE_OFFLOAD_NATIVE": "0"}, None),
                                         ({"CC": "false"}, "building q_gemv.c failed"),
-                                        ({"CC": "no-such-compiler"}, "no C compiler")])
-def test_without_the_kernel_torchs_kernel_serves(tmp_path, env, reason):
-    run_env = {**os.environ, "MOE_OFFLOAD_CACHE": str(tmp_path), **env}
+                                        ({"CC": "no-such-compiler"}, "no C compiler"),
+                                        ({"ATEN_CPU_CAPABILITY": "default"}, "this CPU has no AVX2"),
+                                        ({"ATEN_CPU_CAPABILITY": "avx2", "MOE_OFFLOAD_ISA": "avx512"},
+                                         "cannot run the avx512 build")])
+def test_without_our_kernel_the_portable_path_serves(tmp_path, env, reason):
+    """Each reason to go without our GEMV, in a fresh process with an empty build cache. torch honours
+    ATEN_CPU_CAPABILITY, so "default" stands for a CPU without AVX2 and "avx2" for one without AVX-512,
+    down to the int4pack layout torch packs."""
+    run_env = {k: v for k, v in os.environ.items() if k not in ("MOE_OFFLOAD_NATIVE", "MOE_OFFLOAD_ISA")}
+    run_env.update(MOE_OFFLOAD_CACHE=str(tmp_path), **env)
     out = subprocess.run([sys.executable, "-c", FALLBACK], env=run_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "library False torch kernel True" in out.stdout
+    assert "kernel False portable path right True" in out.stdout
     if reason:
         assert reason in out.stderr
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp*"))
 
 
-def test_compiled_library_is_cached(tmp_path):
-    code = "from offload.kernels import native; print(native.library() is not None)"
+def test_builds_are_cached_per_instruction_set(tmp_path):
+    """Each build has its own file (the hash covers the flags), and a second process loads them as built."""
+    code = "from offload.kernels import native; print(all(native.build(i) for i in native.cpu_isas()))"
     env = {**os.environ, "MOE_OFFLOAD_CACHE": str(tmp_path)}
-    mtimes = []
+    builds = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.stdout.strip() == "True", out.stderr
-        (built,) = tmp_path.rglob("*.so")
-        mtimes.append(built.stat().st_mtime_ns)
-    assert mtimes[0] == mtimes[1]  # the second process loaded the first one's build
+        builds.append({p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*.so")})
+    assert len(builds[0]) == len(native.cpu_isas()) and builds[0] == builds[1]
+    assert not list(tmp_path.rglob("*.tmp*"))

@@ -1,7 +1,8 @@
 """Kernel benchmark: quantization error vs hqq, CPU batch-1 GEMV speed, effective bits.
 
 Weights are rotated through >= 1 GB so the last-level cache cannot hold them; timings are
-medians of >= 5 passes in one process, next to the measured streaming-read bandwidth.
+medians of >= 5 passes in one process, next to the measured streaming-read bandwidth. "ours" runs
+the CPU path chosen now: MOE_OFFLOAD_ISA=avx2|avx512|portable picks one (offload.kernels.native).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from offload.kernels import prepare, qmatmul
-from offload.kernels.cpu import TileWeight
+from offload.kernels import native, prepare, qmatmul
+from offload.kernels.cpu import Int4PackWeight, TileWeight, int4pack_weight
 from offload.quant import PRESETS, QuantizedTensor, hqq_reference, quantize
 from offload.quant.layout import padded_rows
 from offload.quant.mxfp4 import from_mxfp4
@@ -67,6 +68,12 @@ def _copies(nbytes: int, rotate: int) -> int:
     return max(2, -(-rotate // nbytes))
 
 
+def _bytes_read(p: TileWeight | Int4PackWeight) -> int:
+    """Code bytes + bf16 (s, z') pairs: what one product reads."""
+    codes = p.packed if isinstance(p, TileWeight) else p.nibbles
+    return codes.numel() + p.scale_zeros.numel() * 2
+
+
 def quality(shape: tuple[int, int]) -> dict:
     torch.manual_seed(0)
     w = torch.randn(*shape) * 0.02
@@ -103,22 +110,26 @@ def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict
     add("bnb-nf4", lambda q: qmatmul(x, q), nf4, nf4_one.nbytes, nf4_one.nbytes)
     for bits, g in HQQ_SETTINGS.items():
         stored = random_hqq(bits, g, shape)
+        raw = [random_hqq(bits, g, shape) for _ in range(2)]
         t = time.perf_counter()
-        prepared = [prepare(random_hqq(bits, g, shape)) for _ in range(2)]
+        prepared = [prepare(q) for q in raw]
         prep_ms = (time.perf_counter() - t) / 2 * 1e3
-        read = prepared[0].packed.numel() + prepared[0].scale_zeros.numel() * 2
+        read = _bytes_read(prepared[0])
         prepared += [prepare(random_hqq(bits, g, shape)) for _ in range(_copies(read, rotate) - 2)]
         add(f"ours-hqq{bits}-g{g}", lambda p: p.matmul(x), prepared, read, stored.nbytes)
         res[f"ours-hqq{bits}-g{g}"]["prepare_ms"] = prep_ms
-        if bits == 4 and isinstance(prepared[0], TileWeight):  # the same tiles on torch's own kernel
-            add("torch-int4pack-4bit", lambda p: p.matmul_int4pack(x), prepared, read, stored.nbytes)
+        if bits == 4:  # torch's own kernel, on its layout for this CPU (what "ours" is on the portable path)
+            torch_forms = [int4pack_weight(random_hqq(bits, g, shape)) for _ in range(len(prepared))]
+            add("torch-int4pack-4bit", lambda p: p.matmul(x), torch_forms, _bytes_read(torch_forms[0]), stored.nbytes)
         raw = [random_hqq(bits, g, shape) for _ in range(_copies(stored.nbytes, rotate))]
         add(f"ours-hqq{bits}-g{g}-unprepared", lambda q: qmatmul(x, q), raw, stored.nbytes, stored.nbytes)
     stored = random_mxfp4(shape)
-    prepared = [prepare(random_mxfp4(shape, seed)) for seed in range(_copies(stored.nbytes, rotate))]
-    if isinstance(prepared[0], TileWeight):  # our GEMV on the e2m1 codes (gpt-oss experts)
-        read = prepared[0].packed.numel() + prepared[0].scale_zeros.numel() * 2
-        add("ours-mxfp4", lambda p: p.matmul(x), prepared, read, stored.nbytes)
+    if native.gemv() is not None:  # our GEMV on the e2m1 codes (gpt-oss experts)
+        prepared = [prepare(random_mxfp4(shape, seed)) for seed in range(_copies(stored.nbytes, rotate))]
+        read = _bytes_read(prepared[0])
+    else:  # dequantized per call: compute-bound, so two copies do
+        prepared, read = [prepare(random_mxfp4(shape, seed)) for seed in range(2)], stored.nbytes
+    add("ours-mxfp4", lambda p: p.matmul(x), prepared, read, stored.nbytes)
     passes: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(runs + 1):  # round 0 warms up
         for name, (fn, items) in cases.items():
@@ -140,7 +151,10 @@ def run(json_out: str | None = None, quick: bool = False, speed_only: bool = Fal
     shape = (512, 1024) if quick else SHAPE
     gemv_shape = (1024, 4096) if quick else SHAPE
     rotate, runs = (64 << 20, 3) if quick else (ROTATE_BYTES, 5)
+    gemv = native.gemv()
     result = {"shape": list(gemv_shape), "rows": rows, "threads": torch.get_num_threads(),
+              "cpu_path": gemv.isa if gemv else "portable",
+              "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "stream_read_gbs": stream_bandwidth_gbs(4 * rotate if not quick else rotate),
               "gemv": speed(gemv_shape, rotate, runs, rows)}
     g = result["gemv"]
@@ -176,7 +190,8 @@ def _print(result: dict) -> None:
                       f"{q.get('ratio', float('nan')):.4f}", f"{q['bits_per_param']:.3f}")
         console.print(t)
     t = Table(title=f"CPU GEMV, {result['rows']} x {'x'.join(map(str, result['shape']))}, {result['threads']} threads, "
-                    f"stream read {result['stream_read_gbs']:.1f} GB/s")
+                    f"stream read {result['stream_read_gbs']:.1f} GB/s, path {result['cpu_path']} "
+                    f"(torch: {result['torch_cpu_capability']})")
     for c in ("kernel", "ms (median)", "GB/s read", "stored MB", "prepare ms", "copies"):
         t.add_column(c)
     for name, r in result["gemv"].items():
