@@ -30,12 +30,15 @@ class QuantizedTensor:
 
     fmt: "hqq" | "nf4" | "mxfp4"; params: format parameters (ints/strings only);
     tensors: the stored state (uint8 codes, metadata), all on one device.
+    derived: not stored state: forms computed from `tensors` by others (offload.kernels keeps a prepared
+    form here, with what it needs to tell whether it still matches the tensors).
     """
 
     fmt: str
     shape: tuple[int, int]
     params: dict[str, int | str]
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dense weight [out, in] in `dtype`, on the tensors' device."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from offload.bench.kernels import random_mxfp4
-from offload.kernels import native, prepare
+from offload.kernels import dispatch, native, prepare, qmatmul
 from offload.kernels.cpu import Int4PackWeight, TileWeight
 from offload.quant import quantize
 from offload.quant.layout import unpack_codes
@@ -89,6 +89,25 @@ def test_mxfp4_matches_its_dequantized_weight(path):
     for m in ROWS:
         x = torch.randn(m, 320)
         assert rel(p.matmul(x), x.double() @ dense.t()) < 1e-5
+
+
+def test_qmatmul_keeps_the_prepared_form(path, monkeypatch):
+    """A raw QuantizedTensor is prepared once (it cost 40x the product per call), and prepared again when its
+    bytes are written in place (a reused slot) or the path changes."""
+    qt = quantize(torch.randn(64, 128), 4, 64)
+    x = torch.randn(2, 128)
+    calls = []
+    real = dispatch.prepare
+    monkeypatch.setattr(dispatch, "prepare", lambda *a: calls.append(a) or real(*a))
+    first = qmatmul(x, qt)
+    assert torch.equal(qmatmul(x, qt), first) and len(calls) == 1
+    assert torch.equal(first, real(qt).matmul(x))
+    qt.tensors["qweight"].bitwise_xor_(0x11)  # every code changes
+    changed = qmatmul(x, qt)
+    assert len(calls) == 2 and torch.equal(changed, real(qt).matmul(x)) and not torch.equal(changed, first)
+    monkeypatch.setenv("MOE_OFFLOAD_ISA", "portable" if path != "portable" else native.cpu_isas()[-1])
+    qmatmul(x, qt)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -122,6 +122,7 @@ def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict
             torch_forms = [int4pack_weight(random_hqq(bits, g, shape)) for _ in range(len(prepared))]
             add("torch-int4pack-4bit", lambda p: p.matmul(x), torch_forms, _bytes_read(torch_forms[0]), stored.nbytes)
         raw = [random_hqq(bits, g, shape) for _ in range(_copies(stored.nbytes, rotate))]
+        # a raw QuantizedTensor: prepared at its first call (the warm-up round), then kept on it
         add(f"ours-hqq{bits}-g{g}-unprepared", lambda q: qmatmul(x, q), raw, stored.nbytes, stored.nbytes)
     stored = random_mxfp4(shape)
     if native.gemv() is not None:  # our GEMV on the e2m1 codes (gpt-oss experts)
