@@ -1,5 +1,6 @@
-"""Quantization presets on every architecture: a4e4 keeps the fp32 model's top-1 on >= 95% of positions;
-offloading a quantized model changes nothing; gpt-oss MXFP4 experts stay MXFP4 under a preset.
+"""Quantization presets on every architecture: a4e4 keeps the fp32 model's top-1 on >= 95% of the positions
+where the fp32 model makes a decision; offloading a quantized model changes nothing; gpt-oss MXFP4 experts
+stay MXFP4 under a preset.
 
 Top-1 agreement is measured on tiny models that first learn a task (arithmetic progressions with a step
 read from the context), because an untrained random model's top-2 logits are nearly tied (median margin
@@ -46,12 +47,22 @@ def quant_model(request, tmp_path_factory):
 
 
 def test_a4e4_top1_agrees_with_fp32(quant_model):
+    """Counted where the fp32 model's top-1 has probability >= 0.5. Elsewhere its top two are close to a tie
+    (a progression's first tokens, before its step can be read) and which wins flips under any perturbation:
+    over 4 sequences (160 positions, 0.6 points each) qwen3_moe's agreement was 0.944 on one CPU and >= 0.95 on
+    another, the same on every kernel path of the first: the models trained differently there. Measured over
+    these 640 positions (one CPU, every arch): 0.985-0.995 where the fp32 model is confident (91-96% of the
+    positions), 0.959-0.980 over all; a zero point off by half a step (a broken quantizer) gives 0.73-0.85."""
     arch, path = quant_model
-    ids = progressions(4, seed=10_000)  # held out: seeds below 200 trained
+    ids = progressions(16, seed=10_000)  # held out: seeds below 200 trained
     full = offload.load(path).forward(ids)
     q4 = offload.load(path, quant="a4e4").forward(ids)
-    agree = (full.argmax(-1) == q4.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, f"{arch}: top-1 agreement {agree:.3f}"
+    confident = full.softmax(-1).amax(-1) >= 0.5
+    assert confident.float().mean() >= 0.8, f"{arch}: the fp32 model did not learn the task"
+    same = full.argmax(-1) == q4.argmax(-1)
+    agree = same[confident].float().mean().item()
+    overall = same.float().mean().item()
+    assert agree >= 0.95, f"{arch}: top-1 agreement {agree:.3f} where fp32 is confident ({overall:.3f} over all)"
     assert not torch.equal(full, q4)  # the weights really were quantized
 
 
