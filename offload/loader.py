@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from offload.quant import QuantizedTensor
 
-from .archs import adapter_for
+from .archs import read_spec
+from .archs.base import ReadTensor
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
 from .spec import ModelSpec
@@ -19,13 +20,15 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total): reported dur
 
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(\w+)")
 FP32_ALWAYS = ("router.correction_bias",)  # selection-only bias: transformers keeps it in fp32 too
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the model can compute in
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ModelFormatError(f"config.json dtype {name!r} is not a torch dtype; use e.g. 'bfloat16'")
+    dtype = getattr(torch, name.replace("torch.", ""), None) if isinstance(name, str) else None
+    if dtype not in COMPUTE_DTYPES:
+        raise ModelFormatError(f"config.json dtype {name!r} is not a dtype the model can compute in; "
+                               "set it to 'bfloat16', 'float16' or 'float32'")
     return dtype
 
 
@@ -45,37 +48,67 @@ def _place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: boo
     return tensor.to(device=device, dtype=dtype)
 
 
+def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelSpec, adapter,
+              where: str | Path = "checkpoint") -> Iterator[tuple[Path, str, str, torch.Tensor]]:
+    """(file, checkpoint name, canonical name, tensor) of every tensor the model uses, shape-checked; MTP tensors
+    come as `mtp.*`. Every checkpoint tensor must be used, read along with another (MXFP4 or FP8 scales) or match
+    the architecture's `ignored` patterns: any other one means config.json describes another model (fewer
+    layers, no biases, tied embeddings...), which would silently compute something else."""
+    expected = spec.expected_shapes()
+    ignored = re.compile("|".join(adapter.ignored))
+    names, read_names, unused = [], set(), []
+
+    def reading(name: str) -> torch.Tensor:
+        read_names.update((name, name + "_scale_inv"))  # FP8 block scales are read with their weight
+        return read(name)
+
+    for file, name in stream:
+        names.append(name)
+        for canonical, tensor in adapter.convert(name, reading):
+            if not canonical.startswith("mtp.") and canonical not in expected:
+                unused.append(name)
+                break
+            shape = expected.get(canonical)
+            if shape is not None and tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                    f"{shape}; the checkpoint does not match its config.json: re-export them together")
+            yield file, name, canonical, tensor
+    unused += [n for n in names if n not in read_names and not ignored.fullmatch(n)]
+    if unused:
+        unused = sorted(set(unused))
+        raise CheckpointError(
+            f"{where}: the checkpoint holds {len(unused)} tensor(s) config.json does not describe, e.g. {unused[:3]}; "
+            "config.json belongs to another model (num_hidden_layers, layer kinds, biases, tie_word_embeddings?): "
+            "re-export config.json and the weights together")
+
+
 def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
                  keep_quantized: bool = False, progress: Progress | None = None) -> LoadedWeights:
     """Stream, convert and check every tensor (progress: per checkpoint tensor)."""
-    expected = spec.expected_shapes()
     out = LoadedWeights()
     seen: set[str] = set()
     with TensorStream(path) as stream:  # closes the shards even when a check below raises
-        for done, (file, name) in enumerate(stream):
-            if progress:
-                progress("reading weights", done, len(stream))
-            for canonical, tensor in adapter.convert(name, stream.read):
-                if canonical.startswith("mtp."):
-                    out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
-                    continue
-                shape = expected.get(canonical)
-                if shape is None:
-                    continue  # a tensor this runtime does not use (e.g. rotary caches)
-                if tuple(tensor.shape) != shape:
-                    raise CheckpointError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                        f"{shape}; the checkpoint does not match its config.json: re-export them together")
-                target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
-                tensor = _place(tensor, target, device, keep_quantized)
-                seen.add(canonical)
-                if m := EXPERT.fullmatch(canonical):
-                    out.experts[int(m[1]), int(m[2])][m[3]] = tensor
-                else:
-                    out.dense[canonical] = tensor
+        def reported() -> Iterator[tuple[Path, str]]:
+            for done, item in enumerate(stream):
+                if progress:
+                    progress("reading weights", done, len(stream))
+                yield item
+
+        for _, _, canonical, tensor in converted(reported(), stream.read, spec, adapter, path):
+            if canonical.startswith("mtp."):
+                out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
+                continue
+            target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
+            tensor = _place(tensor, target, device, keep_quantized)
+            seen.add(canonical)
+            if m := EXPERT.fullmatch(canonical):
+                out.experts[int(m[1]), int(m[2])][m[3]] = tensor
+            else:
+                out.dense[canonical] = tensor
         if progress:
             progress("reading weights", len(stream), len(stream))
-    missing = [k for k in expected if k not in seen]
+    missing = [k for k in spec.expected_shapes() if k not in seen]
     if missing:
         raise CheckpointError(
             f"{path}: checkpoint lacks {len(missing)} tensor(s) config.json requires, e.g. {missing[:3]}; "
@@ -86,5 +119,5 @@ def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, devic
 def load_spec(source: str | Path) -> tuple[Path, dict, ModelSpec, object]:
     path = resolve(source)
     config = read_config(path)
-    adapter = adapter_for(config)
-    return path, config, adapter.spec(config), adapter
+    adapter, spec = read_spec(config)
+    return path, config, spec, adapter

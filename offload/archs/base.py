@@ -1,13 +1,21 @@
-"""What every architecture adapter shares: config reading helpers and tensor renaming.
+"""What every architecture adapter shares: typed config readers, rope parameters, tensor renaming.
 
-An adapter is two functions: `spec(config) -> ModelSpec` and `convert(name, reader)`, which maps
-one checkpoint tensor to zero or more canonical tensors (see `ModelSpec.expected_shapes`).
+An adapter is a module with `model_type`, `spec(config) -> ModelSpec`, `convert(name, read)`, which maps one
+checkpoint tensor to zero or more canonical tensors (see `ModelSpec.expected_shapes`), and `ignored`: regexes
+of checkpoint tensors the runtime legitimately leaves unused (any other unused tensor is an error).
+
+Every config field is read through `integer` / `number` / `flag` / `window` / `kinds`, which raise a
+one-line ModelFormatError for a wrong type or value. Sizes are required (the checkpoint's shapes check them);
+a behavioural field config.json leaves out takes the default of the architecture's transformers config class,
+and an explicit null means what None means there, so both read the same file the same way.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -16,6 +24,7 @@ from ..spec import AttentionSpec, RopeSpec
 
 ReadTensor = Callable[[str], torch.Tensor]
 Converted = Iterable[tuple[str, torch.Tensor]]
+REQUIRED: Any = object()
 
 # Llama-style names shared by every supported architecture (layer-local part after `model.layers.N.`).
 COMMON_LAYER_RENAMES: list[tuple[str, str]] = [
@@ -32,73 +41,180 @@ COMMON_LAYER_RENAMES: list[tuple[str, str]] = [
 ]
 TOP_LEVEL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Per-layer rotary caches of older checkpoints: recomputed from config.json, and ignored by transformers too.
+ROTARY_CACHE = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
 
 
-def need(config: dict, key: str, *aliases: str):
-    """A required config field (under its name or an alias transformers also writes), or a one-line error."""
+def bad(key: str, value, rule: str) -> ModelFormatError:
+    """The one-line error for a config field that breaks a rule."""
+    return ModelFormatError(f"config.json has {key}={value!r}, but it must be {rule}; correct config.json, or "
+                            "re-export it with the checkpoint (transformers' save_pretrained)")
+
+
+def _raw(config: dict, key: str, aliases: tuple[str, ...], default, null) -> tuple[str, Any, bool]:
+    """(name, value, given). As in transformers, a field left out takes the class default and an explicit null
+    means None, which is `null` where None means something (no window, no clipping) and an error elsewhere."""
     for name in (key, *aliases):
-        if config.get(name) is not None:
-            return config[name]
-    raise ModelFormatError(
-        f"config.json of model_type {config.get('model_type')!r} lacks {key!r}; the file is incomplete: "
-        "re-export it with transformers' save_pretrained"
-    )
+        if name in config:
+            if config[name] is not None:
+                return name, config[name], True
+            if null is REQUIRED:
+                return name, None, True  # checked, and refused, as a value
+            return name, null, False
+    if default is REQUIRED:
+        raise ModelFormatError(
+            f"config.json of model_type {config.get('model_type')!r} lacks {key!r}; the file is incomplete: "
+            "re-export it with transformers' save_pretrained")
+    return key, default, False
 
 
-def rope_params(config: dict, default_theta: float) -> dict:
-    """rope_parameters in the transformers 5 form, also from the older rope_theta/rope_scaling fields."""
-    params = config.get("rope_parameters")
-    if params:
-        return params
-    scaling = dict(config.get("rope_scaling") or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    scaling.setdefault("rope_theta", config.get("rope_theta", default_theta))
-    return scaling
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def rope_spec(params: dict, head_dim: int, default_partial: float = 1.0) -> RopeSpec:
+def integer(config: dict, key: str, *aliases: str, default=REQUIRED, null=REQUIRED, low: int = 1,
+            label: str = "") -> int:
+    """An integer field >= low (a bool or 64.0 is not an integer); `label` prefixes its name in errors."""
+    name, value, given = _raw(config, key, aliases, default, null)
+    if given and (not _is_int(value) or value < low):
+        raise bad(label + name, value, f"an integer >= {low}")
+    return value
+
+
+def number(config: dict, key: str, *aliases: str, default=REQUIRED, null=REQUIRED, positive: bool = False,
+           label: str = "") -> float:
+    """A finite real field, > 0 when `positive`."""
+    name, value, given = _raw(config, key, aliases, default, null)
+    if not given:
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise bad(label + name, value, "a finite number > 0" if positive else "a finite number")
+    return float(value)
+
+
+def flag(config: dict, key: str, default: bool) -> bool:
+    """A true/false field; null is false, as transformers' `if config.<key>:` reads it."""
+    name, value, _ = _raw(config, key, (), default, False)
+    if not isinstance(value, bool):
+        raise bad(name, value, "true or false")
+    return value
+
+
+def window(config: dict, default: int | None) -> int | None:
+    """sliding_window: None (no window) or the number of keys a query sees, itself included (>= 1)."""
+    return integer(config, "sliding_window", default=default, null=None)
+
+
+def kinds(config: dict, key: str, n: int, allowed: tuple[str, ...], default: list[str]) -> list[str]:
+    """A per-layer list (layer_types, mlp_layer_types): exactly one allowed entry per hidden layer."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, list) or len(value) != n:
+        length = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+        raise bad(key, value, f"a list of one entry per layer (num_hidden_layers={n}), not {length}")
+    if any(v not in allowed for v in value):
+        raise bad(key, value, f"a list of {' / '.join(allowed)}")
+    return value
+
+
+def layer_set(config: dict, key: str, n: int) -> set[int]:
+    """A list of layer indices (qwen3_moe's mlp_only_layers), each in [0, num_hidden_layers)."""
+    value = config.get(key) or []
+    if not isinstance(value, list) or not all(_is_int(i) and 0 <= i < n for i in value):
+        raise bad(key, value, f"a list of layer indices in [0, num_hidden_layers={n})")
+    return set(value)
+
+
+def rope_params(config: dict, default_theta: float, default: dict | None = None) -> dict:
+    """rope_parameters as transformers standardizes them: rope_scaling (older name) wins, then rope_parameters,
+    then the architecture's default; rope_theta / partial_rotary_factor at top level fill what is unset."""
+    params = config.get("rope_scaling") or config.get("rope_parameters") or default or {}
+    if not isinstance(params, dict):
+        raise bad("rope_parameters", params, "an object")
+    params = dict(params)
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", config.get("rope_theta", default_theta))
+    if config.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    return params
+
+
+def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: float = 1.0,
+              label: str = "") -> RopeSpec:
+    """The rope of one layer kind (`label`: its key in a per-kind rope_parameters), every value checked; yarn's
+    original_max_position_embeddings defaults to max_position_embeddings, as in transformers."""
+    where = f"rope_parameters[{label!r}]" if label else "rope_parameters"
+    if not isinstance(params, dict):
+        raise bad(where, params, "an object")
     kind = params.get("rope_type", "default")
     if kind not in ("default", "yarn"):
-        raise ModelFormatError(f"config.json rope_type {kind!r} is not supported (supported: default, yarn)")
+        raise bad(f"{where}.rope_type", kind, "one of the supported kinds: default, yarn")
+
+    def value(key: str, default=REQUIRED, positive: bool = True, null=REQUIRED):
+        return number(params, key, default=default, null=null, positive=positive, label=where + ".")
+
+    partial = value("partial_rotary_factor", default_partial if kind == "default" else 1.0)
+    if partial > 1 or int(head_dim * partial) < 1:
+        raise bad(f"{where}.partial_rotary_factor", partial,
+                  f"in (0, 1], leaving at least one rotary channel of the head's {head_dim}")
+    yarn = kind == "yarn"
     return RopeSpec(
-        theta=float(params["rope_theta"]), head_dim=head_dim,
-        partial_factor=float(params.get("partial_rotary_factor", default_partial)), kind=kind,
-        factor=float(params.get("factor") or 1.0),
-        original_max_positions=int(params.get("original_max_position_embeddings") or 0),
-        beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
-        truncate=bool(params.get("truncate", True)), attention_factor=params.get("attention_factor"),
-        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        theta=value("rope_theta"), head_dim=head_dim, partial_factor=partial, kind=kind,
+        factor=value("factor") if yarn else 1.0,
+        original_max_positions=integer(params, "original_max_position_embeddings", default=max_positions,
+                                       label=where + ".") if yarn else 0,
+        beta_fast=value("beta_fast", 32.0, null=32.0), beta_slow=value("beta_slow", 1.0, null=1.0),
+        truncate=bool(params.get("truncate", True)), attention_factor=value("attention_factor", None, null=None),
+        mscale=value("mscale", None, False, None), mscale_all_dim=value("mscale_all_dim", None, False, None),
     )
 
 
 def head_dim_of(config: dict) -> int:
-    return config.get("head_dim") or need(config, "hidden_size") // need(config, "num_attention_heads")
+    if config.get("head_dim") is not None:
+        return integer(config, "head_dim")
+    return integer(config, "hidden_size") // integer(config, "num_attention_heads")
 
 
-def plain_attention(config: dict, rope: RopeSpec, **overrides) -> AttentionSpec:
+def plain_attention(config: dict, rope: RopeSpec, bias_default: bool = False, **overrides) -> AttentionSpec:
     """The Llama-style attention most architectures use; adapters override what differs."""
-    heads = need(config, "num_attention_heads")
+    heads = integer(config, "num_attention_heads")
     hd = head_dim_of(config)
-    fields = dict(num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=hd,
-                  v_head_dim=hd, rope=rope, qkv_bias=bool(config.get("attention_bias", False)),
-                  o_bias=bool(config.get("attention_bias", False)))
+    bias = flag(config, "attention_bias", bias_default)
+    kv_heads = integer(config, "num_key_value_heads", default=heads, null=heads)
+    fields = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, v_head_dim=hd, rope=rope, qkv_bias=bias,
+                  o_bias=bias)
     return AttentionSpec(**(fields | overrides))
 
 
-def eos_ids(config: dict) -> tuple[int, ...]:
-    eos = config.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (eos,)
+def token_ids(config: dict, key: str, default=None) -> tuple[int, ...]:
+    """eos_token_id and the like: an id, a list of ids, or null; every id inside the vocabulary."""
+    value = config.get(key, default)
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    vocab = integer(config, "vocab_size")
+    if not all(_is_int(i) and 0 <= i < vocab for i in ids):
+        raise bad(key, value, f"a token id (or a list of them) in [0, vocab_size={vocab})")
+    return tuple(ids)
 
 
-def model_fields(config: dict, rms_norm_eps: float) -> dict:
-    """The ModelSpec fields every architecture reads the same way."""
-    return dict(model_type=config["model_type"], vocab_size=need(config, "vocab_size"),
-                hidden_size=need(config, "hidden_size"), rms_norm_eps=config.get("rms_norm_eps", rms_norm_eps),
-                tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
-                eos_token_ids=eos_ids(config), pad_token_id=config.get("pad_token_id"),
-                max_position_embeddings=config.get("max_position_embeddings", 4096))
+def model_fields(config: dict, defaults: dict) -> dict:
+    """The ModelSpec fields every architecture reads the same way; `defaults`: its transformers config class's
+    values of rms_norm_eps, max_position_embeddings and the special token ids."""
+    def one(key: str) -> int | None:
+        ids = token_ids(config, key, defaults.get(key))
+        if len(ids) > 1:
+            raise bad(key, config.get(key), "a single token id")
+        return ids[0] if ids else None
+
+    return dict(model_type=config["model_type"], vocab_size=integer(config, "vocab_size"),
+                hidden_size=integer(config, "hidden_size"),
+                rms_norm_eps=number(config, "rms_norm_eps", default=defaults["rms_norm_eps"], positive=True),
+                tie_word_embeddings=flag(config, "tie_word_embeddings", False), bos_token_id=one("bos_token_id"),
+                eos_token_ids=token_ids(config, "eos_token_id", defaults.get("eos_token_id")),
+                pad_token_id=one("pad_token_id"),
+                max_position_embeddings=integer(config, "max_position_embeddings",
+                                                default=defaults["max_position_embeddings"]))
 
 
 @dataclass

@@ -15,35 +15,50 @@ from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (
     COMMON_LAYER_RENAMES,
     LAYER,
+    ROTARY_CACHE,
     Converted,
     ReadTensor,
     Renamer,
     head_dim_of,
+    integer,
+    kinds,
     model_fields,
-    need,
+    number,
     plain_attention,
     rope_params,
     rope_spec,
+    window,
 )
 
 model_type = "gpt_oss"
 
 
+# GptOssConfig's defaults: a 128-token window, YaRN, biased attention projections
+DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=131072)
+DEFAULT_ROPE = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=4096)
+ignored = (ROTARY_CACHE,)
+
+
 def spec(config: dict) -> ModelSpec:
-    rope = rope_spec(rope_params(config, 150000.0), head_dim_of(config))
-    n = need(config, "num_hidden_layers")
-    layer_types = config.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                                for i in range(n)]
-    attn = {kind: plain_attention(config, rope, sinks=True,
-                                  window=config.get("sliding_window") if kind == "sliding_attention" else None)
+    fields = model_fields(config, DEFAULTS)
+    rope = rope_spec(rope_params(config, 150000.0, DEFAULT_ROPE), head_dim_of(config),
+                     fields["max_position_embeddings"])
+    n = integer(config, "num_hidden_layers")
+    layer_types = kinds(config, "layer_types", n, ("sliding_attention", "full_attention"),
+                        ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)])
+    sliding = window(config, 128)
+    attn = {kind: plain_attention(config, rope, bias_default=True, sinks=True,
+                                  window=sliding if kind == "sliding_attention" else None)
             for kind in set(layer_types)}
     return ModelSpec(
-        **model_fields(config, 1e-5),
+        **fields,
         layers=tuple(LayerSpec(attn[kind], "moe") for kind in layer_types),
-        router=RouterSpec(need(config, "num_local_experts"), need(config, "num_experts_per_tok"),
+        router=RouterSpec(integer(config, "num_local_experts"), integer(config, "num_experts_per_tok", low=0),
                           "softmax_topk_first", False, bias=True),
-        expert=ExpertSpec(need(config, "intermediate_size"), "swiglu_clamp", bias=True,
-                          alpha=config.get("swiglu_alpha", 1.702), limit=config.get("swiglu_limit", 7.0)),
+        expert=ExpertSpec(integer(config, "intermediate_size"), "swiglu_clamp", bias=True,
+                          alpha=number(config, "swiglu_alpha", default=1.702),
+                          limit=number(config, "swiglu_limit", default=7.0, positive=True)),
     )
 
 

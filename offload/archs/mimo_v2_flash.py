@@ -4,44 +4,66 @@ steers the selection, dense layers from mlp_layer_types, and MTP tensors under `
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (
     COMMON_LAYER_RENAMES,
+    ROTARY_CACHE,
     Converted,
     ReadTensor,
     Renamer,
+    flag,
     head_dim_of,
+    integer,
+    kinds,
     model_fields,
-    need,
+    number,
     plain_attention,
     rope_spec,
+    window,
 )
 
 model_type = "mimo_v2_flash"
+# MiMoV2FlashConfig's defaults (the released model's)
+DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=1)
+DEFAULT_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.334},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.334}}
+ignored = (ROTARY_CACHE,)
+
+
+def _window(config: dict) -> int | None:
+    """MiMo's own configs give sliding_window_size, the keys before the query: transformers adds the query."""
+    size = integer(config, "sliding_window_size", default=None, null=None, low=0)
+    return window(config, 129) if size is None else size + 1
 
 
 def spec(config: dict) -> ModelSpec:
-    n = need(config, "num_hidden_layers")
-    layer_types = config.get("layer_types") or [
-        "full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
-    mlp_types = config.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
-    rope = need(config, "rope_parameters")
-    kv = need(config, "num_key_value_heads")
-    value_scale = config.get("attention_value_scale")
+    fields = model_fields(config, DEFAULTS)
+    n = integer(config, "num_hidden_layers")
+    layer_types = kinds(config, "layer_types", n, ("sliding_attention", "full_attention"),
+                        ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])
+    mlp_types = kinds(config, "mlp_layer_types", n, ("dense", "sparse"), ["dense"] + ["sparse"] * (n - 1))
+    rope = config.get("rope_parameters") or DEFAULT_ROPE
+    kv = integer(config, "num_key_value_heads")
+    sliding = _window(config)
     attn = {}
     for kind in set(layer_types):
         swa = kind == "sliding_attention"
         attn[kind] = plain_attention(
-            config, rope_spec(rope[kind], head_dim_of(config), default_partial=0.334),
-            num_kv_heads=2 * kv if swa else kv, v_head_dim=need(config, "v_head_dim"), o_bias=False,
-            window=config.get("sliding_window") if swa else None, sinks=swa,
-            value_scale=1.0 if value_scale is None else value_scale)
+            config, rope_spec(rope.get(kind) if isinstance(rope, dict) else rope, head_dim_of(config),
+                              fields["max_position_embeddings"], default_partial=0.334, label=kind),
+            num_kv_heads=2 * kv if swa else kv, v_head_dim=integer(config, "v_head_dim"), o_bias=False,
+            window=sliding if swa else None, sinks=swa,
+            value_scale=number(config, "attention_value_scale", default=0.707, null=1.0))
+    moe = "sparse" in mlp_types
     return ModelSpec(
-        **model_fields(config, 1e-5),
-        layers=tuple(LayerSpec(attn[kind], "moe" if mlp == "sparse" else "dense", need(config, "intermediate_size"))
+        **fields,
+        layers=tuple(LayerSpec(attn[kind], "moe" if mlp == "sparse" else "dense",
+                               integer(config, "intermediate_size") if mlp == "dense" else 0)
                      for kind, mlp in zip(layer_types, mlp_types)),
-        router=RouterSpec(need(config, "n_routed_experts"), need(config, "num_experts_per_tok"), "sigmoid",
-                          bool(config.get("norm_topk_prob", True)),
-                          scaling_factor=config.get("routed_scaling_factor") or 1.0, correction_bias=True,
-                          n_group=config.get("n_group") or 1, topk_group=config.get("topk_group") or 1),
-        expert=ExpertSpec(need(config, "moe_intermediate_size")),
+        router=RouterSpec(integer(config, "n_routed_experts", "num_local_experts"),
+                          integer(config, "num_experts_per_tok", low=0), "sigmoid",
+                          flag(config, "norm_topk_prob", True),
+                          scaling_factor=number(config, "routed_scaling_factor", default=1.0, null=1.0),
+                          correction_bias=True, n_group=integer(config, "n_group", default=1),
+                          topk_group=integer(config, "topk_group", default=1)) if moe else None,
+        expert=ExpertSpec(integer(config, "moe_intermediate_size")) if moe else None,
     )
 
 

@@ -2,27 +2,33 @@
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (
     COMMON_LAYER_RENAMES,
+    ROTARY_CACHE,
     Renamer,
     head_dim_of,
+    integer,
     model_fields,
-    need,
     plain_attention,
     renaming_converter,
     rope_params,
     rope_spec,
+    window,
 )
 
 model_type = "mixtral"
+DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2)  # MixtralConfig
+ignored = (ROTARY_CACHE,)
 
 
 def spec(config: dict) -> ModelSpec:
-    attn = plain_attention(config, rope_spec(rope_params(config, 1e6), head_dim_of(config)),
-                           window=config.get("sliding_window"))
+    fields = model_fields(config, DEFAULTS)
+    rope = rope_spec(rope_params(config, 1e6), head_dim_of(config), fields["max_position_embeddings"])
+    attn = plain_attention(config, rope, window=window(config, None))
     return ModelSpec(
-        **model_fields(config, 1e-5),
-        layers=tuple(LayerSpec(attn, "moe") for _ in range(need(config, "num_hidden_layers"))),
-        router=RouterSpec(need(config, "num_local_experts"), need(config, "num_experts_per_tok"), "softmax", True),
-        expert=ExpertSpec(need(config, "intermediate_size")),
+        **fields,
+        layers=tuple(LayerSpec(attn, "moe") for _ in range(integer(config, "num_hidden_layers"))),
+        router=RouterSpec(integer(config, "num_local_experts"), integer(config, "num_experts_per_tok", low=0),
+                          "softmax", True),
+        expert=ExpertSpec(integer(config, "intermediate_size")),
     )
 
 

@@ -1,19 +1,36 @@
 """OLMoE: q/k RMSNorm over the whole projection (not per head), optional clip_qkv, no sliding window."""
 from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
-from .base import Renamer, head_dim_of, model_fields, need, plain_attention, renaming_converter, rope_params, rope_spec
+from .base import (
+    ROTARY_CACHE,
+    Renamer,
+    flag,
+    head_dim_of,
+    integer,
+    model_fields,
+    number,
+    plain_attention,
+    renaming_converter,
+    rope_params,
+    rope_spec,
+)
 
 model_type = "olmoe"
+DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=4096, pad_token_id=1, eos_token_id=50279)  # OlmoeConfig
+ignored = (ROTARY_CACHE,)
 
 
 def spec(config: dict) -> ModelSpec:
-    attn = plain_attention(config, rope_spec(rope_params(config, 1e4), head_dim_of(config)),
-                           qk_norm="full", clip_qkv=config.get("clip_qkv"))
+    fields = model_fields(config, DEFAULTS)
+    rope = rope_spec(rope_params(config, 1e4), head_dim_of(config), fields["max_position_embeddings"])
+    attn = plain_attention(config, rope, qk_norm="full", clip_qkv=number(config, "clip_qkv", default=None,
+                                                                          null=None, positive=True))
     return ModelSpec(
-        **model_fields(config, 1e-5),
-        layers=tuple(LayerSpec(attn, "moe") for _ in range(need(config, "num_hidden_layers"))),
-        router=RouterSpec(need(config, "num_experts", "num_local_experts"), need(config, "num_experts_per_tok"),
-                          "softmax", bool(config.get("norm_topk_prob", False))),
-        expert=ExpertSpec(need(config, "intermediate_size")),
+        **fields,
+        layers=tuple(LayerSpec(attn, "moe") for _ in range(integer(config, "num_hidden_layers"))),
+        router=RouterSpec(integer(config, "num_experts", "num_local_experts"),
+                          integer(config, "num_experts_per_tok", low=0), "softmax",
+                          flag(config, "norm_topk_prob", False)),
+        expert=ExpertSpec(integer(config, "intermediate_size")),
     )
 
 
