@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from offload.quant import dequantize_fp8_blocks
 
 from .errors import CheckpointError, ModelFormatError
+from .model.predictor import FILENAME as PREDICTOR  # prefetch maps kept beside the weights, not weights
 
 INDEX_FILE = "model.safetensors.index.json"
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -72,7 +73,7 @@ def shard_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{index} names shard {missing[0]!r}, which is missing from {path}; "
                                   "download the missing shard(s) or re-save the checkpoint")
         return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != PREDICTOR)
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors files; offload reads safetensors checkpoints only "
                               "(convert .bin weights with transformers' save_pretrained)")
