@@ -6,6 +6,8 @@ never holds more than the converted weights plus one shard's mapped pages.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -80,7 +82,18 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def _open_shard(file: Path):
+def regular_file(file: Path, fix: str) -> Path:
+    """`file` if it is, or links to, a regular file; a FIFO or device would block a read or never end it."""
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as e:  # missing, a dangling link, a name too long, no permission
+        raise CheckpointError(f"{file}: {e.strerror or e}; {fix}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{file} is not a regular file (a folder, FIFO or device); {fix}")
+    return file
+
+
+def open_shard(file: Path):
     """safe_open reading tensors into memory they own (pread): with the default mmap backend (safetensors >=0.8)
     every loaded weight stays a view of the file, so rewriting the checkpoint in place changes a loaded model
     and truncating it kills the process with SIGBUS."""
@@ -112,7 +125,7 @@ class TensorStream:
     def _handle(self, file: Path):
         if file not in self._open:
             try:
-                self._open[file] = self._stack.enter_context(_open_shard(file))
+                self._open[file] = self._stack.enter_context(open_shard(file))
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{file}: cannot read it as safetensors ({e}); the file is truncated or "
                                       "corrupt: re-download or re-save it") from None

@@ -41,7 +41,7 @@ class LoadedWeights:
         self.mtp: dict[str, torch.Tensor] = {}
 
 
-def _place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: bool):
+def place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: bool):
     """A checkpoint-quantized tensor (gpt-oss MXFP4) stays quantized only when a preset will run on it."""
     if isinstance(tensor, QuantizedTensor):
         return tensor.to(device) if keep_quantized else tensor.dequantize(dtype).to(device)
@@ -100,7 +100,7 @@ def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, devic
                 out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
                 continue
             target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
-            tensor = _place(tensor, target, device, keep_quantized)
+            tensor = place(tensor, target, device, keep_quantized)
             seen.add(canonical)
             if m := EXPERT.fullmatch(canonical):
                 out.experts[int(m[1]), int(m[2])][m[3]] = tensor

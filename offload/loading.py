@@ -14,7 +14,7 @@ from .lm import MoEModel
 from .loader import Progress, checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
 from .model.predictor import load as load_predictors
-from .packed import is_packed, mapped_blobs, read_packed
+from .packed import is_packed, open_packed
 from .quantize import prepared, quantize_weights
 
 
@@ -49,12 +49,11 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     dev = _device(device)
     offloaded = cache_experts is not None and bool(spec.moe_layers)
     store = resident = None
-    if is_packed(path):  # offload-convert output: experts memory-mapped from disk
-        dense, meta, mapped = read_packed(path, dev)
-        if dtype not in (None, getattr(torch, meta["dtype"])):
-            raise ValueError(f"{path} was packed in {meta['dtype']}; load it with dtype=None or re-convert")
-        dtype, mtp = getattr(torch, meta["dtype"]), {}
-        store = HostStore(mapped_blobs(meta, mapped))
+    if is_packed(path):  # offload-convert output: experts memory-mapped from disk, checked (offload.packed)
+        packed = open_packed(path, spec)
+        if dtype not in (None, packed.dtype):
+            raise ValueError(f"{path} was packed in {packed.dtype}; load it with dtype=None or re-convert")
+        dtype, dense, mtp, store = packed.dtype, packed.dense, packed.mtp, packed.store
     else:
         dtype = dtype or checkpoint_dtype(config)
         weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev,
@@ -65,7 +64,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     model_plan = None
     if not offloaded:
         if resident is None:
-            resident = {key: {k: v.to(dev) for k, v in store.view(blob).items()} for key, blob in store.blobs.items()}
+            resident = store.copies(dev)
         experts = ResidentExperts({key: prepared(w) for key, w in resident.items()})
     else:
         store = store or HostStore.pack(resident, pin=dev.type == "cuda")

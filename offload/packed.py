@@ -1,7 +1,9 @@
-"""The packed checkpoint `offload-convert` writes: the model's own config and tokenizer files, the
-non-expert weights under canonical names in dense.safetensors, and every routed expert as one aligned
-blob in experts.bin (indexed by experts.json). The expert file is memory-mapped at load, so a model
-larger than RAM still runs: the OS pages experts in from disk as they are used."""
+"""The packed checkpoint `offload-convert` writes (FORMAT.md, "Packed checkpoint"): the model's own config and
+tokenizer files, the non-expert weights and MTP layers under canonical names in dense.safetensors, and every
+routed expert as one aligned blob in experts.bin, indexed with a checksum per blob by experts.json. The expert
+file is memory-mapped at load, so a model larger than RAM still runs: the OS pages experts in from disk as they
+are used. Nothing read is trusted: the index is checked whole at open, each blob against its checksum before
+its first use, and the expert file against the size and times it had when opened before every use."""
 from __future__ import annotations
 
 import json
@@ -9,27 +11,52 @@ import os
 import shutil
 import uuid
 import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-from offload.quant.pack import pack_expert
+from offload.quant.pack import pack_expert, read_index
 
-from .checkpoint import TensorStream
+from .checkpoint import TensorStream, open_shard, regular_file
+from .engine.store import HostStore
 from .errors import CheckpointError
-from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, load_spec
+from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, converted, load_spec, place
+from .model.predictor import FILENAME as PREDICTOR
+from .spec import ModelSpec
 
+FORMAT = 2  # 1 had no checksums: refused, re-convert
 INDEX, BLOBS, DENSE = "experts.json", "experts.bin", "dense.safetensors"
 PAGE = 4096  # blobs start on page boundaries: a blob maps to whole pages
+DTYPES = ("float32", "bfloat16", "float16")
 SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "predictor.safetensors")
+                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", PREDICTOR)
+RECONVERT = "re-convert the model with offload-convert"
 
 
 def is_packed(path: Path) -> bool:
-    return (path / INDEX).is_file()
+    return os.path.lexists(path / INDEX)
 
+
+def blob_crc(key: str, blob) -> int:
+    """CRC-32 of an expert's blob (bytes-like), started from that of its key "layer/expert", so that an index
+    entry moved to another expert fails its check too."""
+    return zlib.crc32(blob, zlib.crc32(key.encode()))
+
+
+def file_crc(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+# ---- writing ----
 
 def convert(source: str | Path, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Stream a checkpoint into the packed layout; written under a temporary name, then renamed."""
@@ -52,59 +79,189 @@ def convert(source: str | Path, dest: str | Path, dtype: torch.dtype | None = No
     return dest
 
 
-def _write(path: Path, spec, adapter, dtype: torch.dtype, out: Path) -> None:
-    expected = spec.expected_shapes()
+def _write(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, out: Path) -> None:
+    """experts.bin (an expert packed and written as soon as all its tensors are read), dense.safetensors (the
+    other tensors, MTP layers included), experts.json."""
     roles_per_expert = {}
-    for name in expected:
+    for name in spec.expected_shapes():
         if m := EXPERT.fullmatch(name):
             roles_per_expert.setdefault((int(m[1]), int(m[2])), set()).add(m[3])
     dense, partial, index, offset = {}, {}, {}, 0
     with TensorStream(path) as stream, open(out / BLOBS, "wb") as blobs:
-        for file, name in stream:
-            for canonical, tensor in adapter.convert(name, stream.read):
-                shape = expected.get(canonical)
-                if shape is None:
-                    continue
-                if tuple(tensor.shape) != shape:
-                    raise CheckpointError(f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but "
-                                          f"config.json implies {shape}; re-export the checkpoint with its config")
-                tensor = tensor.to(torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype)
-                if not (m := EXPERT.fullmatch(canonical)):
-                    dense[canonical] = tensor.contiguous()
-                    continue
-                key = (int(m[1]), int(m[2]))
-                partial.setdefault(key, {})[m[3]] = tensor
-                if set(partial[key]) == roles_per_expert[key]:  # complete: pack it and free it
-                    blob = pack_expert(partial.pop(key))
-                    blobs.write(bytes(blob.numpy()))
-                    index[f"{key[0]}/{key[1]}"] = [offset, blob.numel()]
-                    offset += blob.numel()
-                    pad = -offset % PAGE
-                    blobs.write(bytes(pad))
-                    offset += pad
-    missing = [k for k in expected if not EXPERT.fullmatch(k) and k not in dense] + sorted(map(str, partial))
+        for _, _, canonical, tensor in converted(stream, stream.read, spec, adapter, path):
+            target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
+            tensor = place(tensor, target, torch.device("cpu"), keep_quantized=False)
+            if not (m := EXPERT.fullmatch(canonical)):
+                dense[canonical] = tensor.contiguous()
+                continue
+            key = (int(m[1]), int(m[2]))
+            partial.setdefault(key, {})[m[3]] = tensor
+            if set(partial[key]) == roles_per_expert[key]:  # complete: pack it and free it
+                blob = pack_expert(partial.pop(key)).numpy()
+                name = f"{key[0]}/{key[1]}"
+                index[name] = [offset, blob.size, blob_crc(name, blob)]
+                blobs.write(blob)
+                offset += blob.size
+                pad = -offset % PAGE
+                blobs.write(bytes(pad))
+                offset += pad
+    missing = [k for k in spec.expected_shapes() if not EXPERT.fullmatch(k) and k not in dense]
+    missing += sorted(map(str, partial))
     if missing or len(index) != len(roles_per_expert):
         raise CheckpointError(f"{path}: checkpoint lacks tensors config.json requires, e.g. {missing[:3]}; "
                               "re-download it")
     save_file(dense, out / DENSE, metadata={"format": "pt"})
-    (out / INDEX).write_text(json.dumps({"format": 1, "dtype": str(dtype).removeprefix("torch."),
+    (out / INDEX).write_text(json.dumps({"format": FORMAT, "dtype": str(dtype).removeprefix("torch."),
+                                         "bytes": offset, "dense_crc32": file_crc(out / DENSE),
                                          "experts": index}))
 
 
-def read_packed(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict, np.memmap]:
-    """(dense weights on `device`, the expert index, the memory-mapped expert file)."""
-    meta = json.loads((path / INDEX).read_text())
-    dense = {k: v.to(device) for k, v in load_file(path / DENSE).items()}
-    return dense, meta, np.memmap(path / BLOBS, dtype=np.uint8, mode="r")
+# ---- reading ----
+
+@dataclass
+class Packed:
+    """An opened packed checkpoint; `store` maps the experts (see ExpertFile)."""
+    dtype: torch.dtype
+    dense: dict[str, torch.Tensor]
+    mtp: dict[str, torch.Tensor]
+    store: HostStore
 
 
-def mapped_blobs(meta: dict, mapped: np.memmap) -> dict[tuple[int, int], torch.Tensor]:
-    """Zero-copy uint8 views of every expert blob in the mapped file (read-only)."""
-    with warnings.catch_warnings():  # read-only mapping: we never write through these views
-        warnings.simplefilter("ignore", UserWarning)
-        whole = torch.from_numpy(mapped)
-    out = {}
-    for key, (offset, nbytes) in meta["experts"].items():
-        layer, expert = map(int, key.split("/"))
-        out[layer, expert] = whole[offset: offset + nbytes]
-    return out
+class ExpertFile:
+    """experts.bin, memory-mapped read-only: the source of a HostStore's blobs. A blob is verified against its
+    checksum before its first use; before every use the model calls `check`, which requires the file to keep
+    the size and times it had when opened: a mapped file truncated under a running model kills it with SIGBUS
+    at the next read of a lost page, and one rewritten in place changes its weights under it."""
+
+    def __init__(self, file: Path, meta: dict) -> None:
+        self.file, self.crcs = file, {key: crc for key, (_, _, crc) in meta["experts"].items()}
+        self._handle = open(regular_file(file, RECONVERT), "rb")
+        self.opened = os.fstat(self._handle.fileno())
+        if self.opened.st_size != meta["bytes"]:
+            raise CheckpointError(f"{file} is {self.opened.st_size} bytes, but {INDEX} says {meta['bytes']}: the "
+                                  f"file was truncated or modified; {RECONVERT}")
+        with warnings.catch_warnings():  # read-only mapping: we never write through these views
+            warnings.simplefilter("ignore", UserWarning)
+            self.mapped = torch.from_numpy(np.memmap(self._handle, dtype=np.uint8, mode="r"))
+
+    def _identity(self, st: os.stat_result) -> tuple[int, int, int]:
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def check(self) -> None:
+        now = os.fstat(self._handle.fileno())
+        if self._identity(now) != self._identity(self.opened):
+            raise CheckpointError(
+                f"{self.file} changed on disk while the model was using it ({self.opened.st_size} -> {now.st_size} "
+                "bytes); load the model again. To update a packed model in use, convert to a new directory and "
+                "rename it into place")
+
+    def verify(self, key: tuple[int, int], blob: torch.Tensor) -> None:
+        name = f"{key[0]}/{key[1]}"
+        if blob_crc(name, blob.numpy()) != self.crcs[name]:
+            raise CheckpointError(f"{self.file}: the blob of expert {name} (layer/expert) does not match its "
+                                  f"checksum in {INDEX}: the file is damaged or was modified; {RECONVERT}")
+
+
+def open_packed(path: Path, spec: ModelSpec) -> Packed:
+    """Open a packed checkpoint of the model `spec` describes, checking all that can be checked at once: the
+    index whole, the first blob's layout against the model, every blob's header (HostStore), the dense weights
+    against their checksum, names, shapes and dtype. Blobs are checked against theirs before their first use."""
+    meta = _read_meta(path / INDEX)
+    dtype = getattr(torch, meta["dtype"])
+    experts = ExpertFile(path / BLOBS, meta)
+    blobs = _blob_views(experts, meta, spec)
+    try:
+        store = HostStore(blobs, source=experts)
+    except CheckpointError as e:  # a blob laid out unlike the first
+        raise CheckpointError(f"{experts.file}: {e}") from None
+    dense, mtp = _read_dense(path / DENSE, meta, spec, dtype)
+    return Packed(dtype, dense, mtp, store)
+
+
+def _uint(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _read_meta(file: Path) -> dict:
+    """experts.json, every field typed (its experts are checked against the model by _blob_views)."""
+    try:
+        meta = json.loads(regular_file(file, RECONVERT).read_bytes())
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{file} is not valid JSON ({type(e).__name__}); {RECONVERT}") from None
+    version = meta.get("format") if isinstance(meta, dict) else None
+    if version == 1:
+        raise CheckpointError(f"{file}: packed by an older offload-convert, without checksums (format 1; this "
+                              f"version reads format {FORMAT}); {RECONVERT}")
+    if version != FORMAT:
+        raise CheckpointError(f"{file}: packed format {version!r} is not one this version reads ({FORMAT}); "
+                              f"{RECONVERT} of this version, or update moe-offload")
+    experts = meta.get("experts")
+    if not (meta.get("dtype") in DTYPES and _uint(meta.get("bytes")) and _uint(meta.get("dense_crc32"))
+            and isinstance(experts, dict) and all(isinstance(v, list) and len(v) == 3 and all(map(_uint, v))
+                                                  for v in experts.values())):
+        raise CheckpointError(f"{file} is malformed (it needs dtype, bytes, dense_crc32 and experts: "
+                              f"\"layer/expert\" -> [offset, size, crc32]); {RECONVERT}")
+    return meta
+
+
+def _blob_views(experts: ExpertFile, meta: dict, spec: ModelSpec) -> dict[tuple[int, int], torch.Tensor]:
+    """Views of every expert's blob, by (layer, expert). The index must list exactly the model's experts, each a
+    page-aligned span inside the file, apart from the others, of the size the first blob's layout implies; that
+    layout must hold the tensors config.json implies, in the index's dtype."""
+    index, file = meta["experts"], experts.file
+    want = {f"{layer}/{e}": (layer, e) for layer in spec.moe_layers for e in range(spec.router.num_experts)}
+    if set(index) != set(want):
+        odd = sorted(set(index) ^ set(want))
+        raise CheckpointError(f"{file.with_name(INDEX)} lists other experts than config.json describes, e.g. "
+                              f"{odd[:3]} (layer/expert); {RECONVERT}")
+    end = 0
+    for offset, nbytes, name in sorted((offset, nbytes, name) for name, (offset, nbytes, _) in index.items()):
+        if offset < end or offset % PAGE or not nbytes or offset + nbytes > meta["bytes"]:
+            raise CheckpointError(f"{file.with_name(INDEX)}: expert {name} is at bytes {offset}..{offset + nbytes}, "
+                                  f"not a page-aligned span of {BLOBS} ({meta['bytes']} bytes) apart from the other "
+                                  f"experts; {RECONVERT}")
+        end = offset + nbytes
+    views = {want[name]: experts.mapped[index[name][0]: index[name][0] + index[name][1]]
+             for name in sorted(index, key=want.__getitem__)}
+    (layer, expert), first = next(iter(views.items()))
+    try:
+        layout = read_index(first)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: the blob of expert {layer}/{expert} is not an expert blob: {e}; "
+                              f"{RECONVERT}") from None
+    if (size := {blob.numel() for blob in views.values()}) != {layout["size"]}:
+        raise CheckpointError(f"{file.with_name(INDEX)}: blob sizes {sorted(size)[:3]} differ from the "
+                              f"{layout['size']} bytes of the experts' layout; {RECONVERT}")
+    prefix = f"layers.{layer}.experts.{expert}."
+    implied = {k[len(prefix):]: ("dense", meta["dtype"], list(s)) for k, s in spec.expected_shapes().items()
+               if k.startswith(prefix)}
+    stored = {name: (e["fmt"], e["tensors"].get("data", [None])[0], e["shape"])
+              for name, e in layout["entries"].items()}
+    if stored != implied:
+        raise CheckpointError(f"{file}: the experts hold {stored}, but config.json and {INDEX} imply {implied}; "
+                              f"{RECONVERT}")
+    return views
+
+
+def _read_dense(file: Path, meta: dict, spec: ModelSpec, dtype: torch.dtype
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(non-expert weights, MTP weights) in memory of their own, once the file matches its checksum."""
+    if file_crc(regular_file(file, RECONVERT)) != meta["dense_crc32"]:
+        raise CheckpointError(f"{file} does not match its checksum in {INDEX}: the file is damaged or was "
+                              f"modified; {RECONVERT}")
+    try:
+        with open_shard(file) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} cannot be read as safetensors ({e}); {RECONVERT}") from None
+    expected = {k: s for k, s in spec.expected_shapes().items() if not EXPERT.fullmatch(k)}
+    dense = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
+    if set(dense) != set(expected):
+        raise CheckpointError(f"{file} holds other tensors than config.json describes, e.g. "
+                              f"{sorted(set(dense) ^ set(expected))[:3]}; {RECONVERT}")
+    for name, t in tensors.items():
+        want = torch.float32 if name.endswith(FP32_ALWAYS) else dtype
+        if t.dtype != want or tuple(t.shape) != expected.get(name, tuple(t.shape)):
+            raise CheckpointError(f"{file}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, but config.json and "
+                                  f"{INDEX} imply {want} {expected.get(name, '')}; {RECONVERT}")
+    return dense, {k[len("mtp."):]: v for k, v in tensors.items() if k.startswith("mtp.")}

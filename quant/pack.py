@@ -8,6 +8,7 @@ experts with like tensors get byte-identical headers whatever order a checkpoint
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any, Mapping
 
@@ -16,6 +17,7 @@ from offload.quant.tensor import QuantizedTensor
 
 MAGIC = b"MOEXPB01"
 ALIGN = 256
+MAX_HEADER = 1 << 20  # a header is a few KB; a longer claimed length is damage
 Entry = QuantizedTensor | torch.Tensor
 
 
@@ -60,15 +62,52 @@ def pack_expert(entries: Mapping[str, Entry]) -> torch.Tensor:
     return blob
 
 
+def _dims(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def _check_entries(index: dict[str, Any], room: int) -> int:
+    """Every entry well formed, every tensor a known dtype whose bytes lie in the `room` bytes after the header;
+    returns where the data ends (a blob pack_expert writes is exactly base + that long)."""
+    entries = index.get("entries")
+    if not isinstance(entries, dict):
+        raise ValueError("its header has no 'entries' object")
+    end = 0
+    for name, e in entries.items():
+        if not (isinstance(e, dict) and isinstance(e.get("fmt"), str) and _dims(e.get("shape"))
+                and isinstance(e.get("params"), dict) and isinstance(e.get("tensors"), dict)
+                and (e["fmt"] != "dense" or list(e["tensors"]) == ["data"])):
+            raise ValueError(f"its entry {name!r} is malformed")
+        for key, t in e["tensors"].items():
+            if not (isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and _dims(t[1]) and _dims([t[2]])
+                    and t[2] % ALIGN == 0):
+                raise ValueError(f"its tensor {name}.{key} is malformed")
+            stop = t[2] + math.prod(t[1]) * _dtype(t[0]).itemsize
+            if stop > room:
+                raise ValueError(f"its tensor {name}.{key} ends {stop - room} bytes past the end of the blob")
+            end = max(end, _align(stop))
+    return end
+
+
 def read_index(blob: torch.Tensor) -> dict[str, Any]:
-    """Parse a blob's header (a few KB copied to the host); reusable for same-layout blobs."""
-    head = bytes(blob[: len(MAGIC) + 4].cpu().tolist())
+    """Parse and check a blob's header (a few KB copied to the host); reusable for same-layout blobs. Raises
+    ValueError for a header pack_expert would not write, or one naming bytes outside the blob; the result's
+    "base" is where the tensor data starts, "size" the blob size its layout implies."""
+    start = len(MAGIC) + 4
+    head = blob[:start].cpu().numpy().tobytes()
     if head[: len(MAGIC)] != MAGIC:
         raise ValueError("not an expert blob (bad magic); was it written by offload.quant.pack_expert?")
     (length,) = struct.unpack("<I", head[len(MAGIC):])
-    start = len(MAGIC) + 4
-    index = json.loads(bytes(blob[start: start + length].cpu().tolist()))
+    if length > min(MAX_HEADER, blob.numel() - start):
+        raise ValueError(f"its header length {length} does not fit the blob ({blob.numel()} bytes)")
+    try:
+        index = json.loads(blob[start: start + length].cpu().numpy().tobytes())
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON
+        raise ValueError(f"its header is not JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError("its header is not a JSON object")
     index["base"] = _align(start + length)
+    index["size"] = index["base"] + _check_entries(index, blob.numel() - index["base"])
     return index
 
 

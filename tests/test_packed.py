@@ -6,8 +6,10 @@ import textwrap
 
 import torch
 from hf_tiny import save_tiny
+from lying import DEMO, ask
 
 import offload
+from offload.packed import convert
 
 
 def test_convert_then_load_is_identical(tmp_path):
@@ -30,7 +32,6 @@ def test_experts_larger_than_ram_cap_still_generate(tmp_path):
     """RLIMIT_DATA caps anonymous memory below the experts' size: the packed, memory-mapped store still
     generates (file-backed pages do not count), while loading the experts into RAM fails."""
     save_tiny("mixtral", tmp_path / "src", hidden_size=256, intermediate_size=2048, num_local_experts=8)
-    from offload.packed import convert
     convert(tmp_path / "src", tmp_path / "packed")
     expert_bytes = (tmp_path / "packed" / "experts.bin").stat().st_size
     assert expert_bytes > 190 * 2**20
@@ -66,3 +67,13 @@ def test_convert_keeps_the_prefetch_predictors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (packed / "predictor.safetensors").is_file()
     assert sorted(offload.load(packed, cache_experts=4).decoder.predictors) == [2, 3, 4, 5]
+
+
+def test_convert_keeps_the_mtp_layer(tmp_path):
+    """The MTP layer used to be dropped, so speculative="mtp" failed on a converted model."""
+    packed = convert(DEMO, tmp_path / "packed")
+    source = offload.load("demo")
+    expected = ask(source, speculative="mtp")
+    assert expected == ask(source)
+    assert ask(offload.load(packed), speculative="mtp") == expected
+    assert ask(offload.load(packed, cache_experts=4), speculative="mtp") == expected

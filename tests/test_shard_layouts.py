@@ -168,7 +168,7 @@ def _hand_pack(entries: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_packed_checkpoint_with_a_blob_in_another_layout_is_refused(tmp_path):
     save_tiny("mixtral", tmp_path / "src", num_hidden_layers=2)
     packed = convert(tmp_path / "src", tmp_path / "packed")
-    offset, nbytes = json.loads((packed / "experts.json").read_text())["experts"]["1/2"]
+    offset, nbytes, _ = json.loads((packed / "experts.json").read_text())["experts"]["1/2"]
     file = packed / "experts.bin"
     weights = unpack_expert(torch.from_numpy(np.fromfile(file, dtype=np.uint8, count=nbytes, offset=offset)))
 

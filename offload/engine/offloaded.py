@@ -63,6 +63,7 @@ class OffloadedExperts:
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        self.store.check()  # a mapped expert file changed under us: stop before reading it
         slots, stats = self.slots[layer], self.counters.layers[layer]
         on_host = {e for e, n in zip(experts, tokens) if e not in slots.slot_of and self._compute_on_host(n)}
         order = [e for _, e in sorted(zip(weights, experts), key=lambda p: -p[0])]

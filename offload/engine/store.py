@@ -3,7 +3,8 @@ so moving an expert to the device is a single copy. Pinned on CUDA machines when
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Protocol
 
 import torch
 
@@ -38,22 +39,65 @@ def _difference(index: dict[str, Any], other: dict[str, Any]) -> str:
     return "its header bytes differ"
 
 
+class BlobSource(Protocol):
+    """Where a store's blobs live when they are not its own memory (offload.packed maps them from a file)."""
+
+    def verify(self, key: tuple[int, int], blob: torch.Tensor) -> None:
+        """Raise unless `blob` holds the bytes it was written with (called once, before its first use)."""
+
+    def check(self) -> None:
+        """Raise if the blobs may have changed since they were opened."""
+
+
+class _VerifiedBlobs(MutableMapping):
+    """(layer, expert) -> blob, each verified by its source when first handed out: checking every blob at load
+    would read a whole model larger than RAM from disk. Blobs put in later (written back from the device) are
+    the store's own memory and need no check."""
+
+    def __init__(self, blobs: dict[tuple[int, int], torch.Tensor], source: BlobSource) -> None:
+        self._blobs, self._source, self._unverified = blobs, source, set(blobs)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        blob = self._blobs[key]
+        if key in self._unverified:
+            self._source.verify(key, blob)
+            self._unverified.discard(key)
+        return blob
+
+    def __setitem__(self, key: tuple[int, int], blob: torch.Tensor) -> None:
+        self._blobs[key] = blob
+        self._unverified.discard(key)
+
+    def __delitem__(self, key: tuple[int, int]) -> None:
+        del self._blobs[key]
+        self._unverified.discard(key)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self._blobs)
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+
 class HostStore:
     """(layer, expert) -> blob in host memory; all blobs share one layout (one parsed index), which is checked:
     a blob read with another blob's index would silently mix up its tensors. The blobs may be views of a
-    memory-mapped packed checkpoint (offload.packed)."""
+    memory-mapped packed checkpoint (offload.packed, the `source`): then each is verified before its first use,
+    and `check()` tells whether the file is still the one mapped."""
 
-    def __init__(self, blobs: dict[tuple[int, int], torch.Tensor], pin: bool = False) -> None:
-        self.pin = pin
-        self.blobs = blobs
+    def __init__(self, blobs: dict[tuple[int, int], torch.Tensor], pin: bool = False,
+                 source: BlobSource | None = None) -> None:
+        self.pin, self.source = pin, source
         first, blob = next(iter(blobs.items()))
         self.index = read_index(blob)
-        self._check_layouts(first, blob[: self.index["base"]])
+        self._check_layouts(blobs, first, blob[: self.index["base"]])
         self.blob_bytes = max(b.numel() for b in blobs.values())
+        self.blobs = blobs if source is None else _VerifiedBlobs(blobs, source)
 
-    def _check_layouts(self, first: tuple[int, int], header: torch.Tensor) -> None:
+    def _check_layouts(self, blobs: dict[tuple[int, int], torch.Tensor], first: tuple[int, int],
+                       header: torch.Tensor) -> None:
         """Every blob's header bytes equal the first's (a few hundred bytes each, also from a mapped file)."""
-        for (layer, expert), blob in self.blobs.items():
+        for (layer, expert), blob in blobs.items():
             if not torch.equal(blob[: header.numel()], header):
                 raise CheckpointError(
                     f"expert blob (layer {layer}, expert {expert}) is laid out unlike (layer {first[0]}, expert "
@@ -66,6 +110,16 @@ class HostStore:
         """Pack each expert's tensors into one blob (pinned on CUDA machines when allowed)."""
         blobs = {key: pack_expert(experts[key]) for key in sorted(experts)}
         return cls({key: _pin(b) for key, b in blobs.items()} if pin else blobs, pin)
+
+    def check(self) -> None:
+        """Raise if the file the blobs are mapped from changed since it was opened (blobs in memory: never)."""
+        if self.source is not None:
+            self.source.check()
+
+    def copies(self, device: torch.device) -> dict[tuple[int, int], ExpertWeights]:
+        """Every expert's tensors on `device` in memory of their own (one verified blob copy each), for a model
+        that keeps all experts resident: nothing it computes with is a view of a file that may change."""
+        return {key: self.view(self.blobs[key].to(device, copy=True)) for key in self.blobs}
 
     def new_blob(self) -> torch.Tensor:
         """Host memory for one expert coming back from the device (exclusive placement)."""

@@ -46,7 +46,8 @@ def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
 def load(directory: Path, hidden_size: int, device: torch.device,
          dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
     """{} when the checkpoint has no predictor file; else the maps on `device` in the model's `dtype`, converted
-    once here rather than at every prediction."""
+    once here rather than at every prediction, and copied: load_file's tensors are views of the mapped file, which
+    a truncation under the running model would turn into SIGBUS."""
     path = Path(directory) / FILENAME
     if not path.is_file():
         return {}
@@ -56,7 +57,7 @@ def load(directory: Path, hidden_size: int, device: torch.device,
             raise CheckpointError(f"{path}: layer {j}'s map is {tuple(a.shape)}, not ({2 * hidden_size + 1}, "
                                   f"{hidden_size}) (fitted for another model or by an older version); re-fit it "
                                   "with scripts/calibrate_predictor.py --model DIR --out DIR, or delete the file")
-    return {j: a.to(device, dtype) for j, a in maps.items()}
+    return {j: a.to(device, dtype, copy=True) for j, a in maps.items()}
 
 
 def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48,
