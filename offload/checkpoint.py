@@ -61,27 +61,6 @@ def read_config(path: Path) -> dict:
         raise ModelFormatError(f"{file} is not valid JSON ({e}); re-export the model's config") from None
 
 
-def shard_files(path: Path) -> list[Path]:
-    """The shards in the order to read them; the index, when present, must name only existing files."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is malformed ({e!r}); re-download or re-save the checkpoint") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard {missing[0]!r}, which is missing from {path}; "
-                                  "download the missing shard(s) or re-save the checkpoint")
-        return [path / f for f in files]
-    files = sorted(f for f in path.glob("*.safetensors") if f.name != PREDICTOR)
-    if not files:
-        raise CheckpointError(f"{path} has no *.safetensors files; offload reads safetensors checkpoints only "
-                              "(convert .bin weights with transformers' save_pretrained)")
-    return files
-
-
 def regular_file(file: Path, fix: str) -> Path:
     """`file` if it is, or links to, a regular file; a FIFO or device would block a read or never end it."""
     try:
@@ -91,6 +70,46 @@ def regular_file(file: Path, fix: str) -> Path:
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{file} is not a regular file (a folder, FIFO or device); {fix}")
     return file
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The shard names an index maps tensors to. Each must be a plain file name, checked before any is looked up,
+    so that no error tells whether a file outside the model directory exists."""
+    fix = "re-download or re-save the checkpoint"
+    try:
+        document = json.loads(regular_file(index, fix).read_bytes())
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{index} is not valid JSON ({type(e).__name__}); {fix}") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} is malformed: it needs a \"weight_map\" object of tensor name -> shard file "
+                              f"name; {fix}")
+    names = sorted(set(weight_map.values()))
+    bad = next((n for n in names if not _plain_name(n)), None)
+    if bad is not None:
+        raise CheckpointError(f"{index} names shard {bad[:200]!r}, which is not a plain file name: shards must lie in "
+                              f"the model directory itself; {fix}")
+    return names
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shards in the order to read them: those the index names, else every *.safetensors file; each a
+    regular file (or a link to one: a Hugging Face cache snapshot links every file into its blobs folder)."""
+    index = path / INDEX_FILE
+    if os.path.lexists(index):
+        files = [path / name for name in _indexed_shards(index)]
+        fix = f"{index.name} names it: download the missing shard(s), or re-save the checkpoint"
+    else:
+        files = sorted(f for f in path.glob("*.safetensors") if f.name != PREDICTOR)
+        fix = "remove it, or re-save the checkpoint"
+        if not files:
+            raise CheckpointError(f"{path} has no *.safetensors files; offload reads safetensors checkpoints only "
+                                  "(convert .bin weights with transformers' save_pretrained)")
+    return [regular_file(file, fix) for file in files]
 
 
 def open_shard(file: Path):

@@ -73,6 +73,10 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
                 raise CheckpointError(
                     f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
                     f"{shape}; the checkpoint does not match its config.json: re-export them together")
+            if not isinstance(tensor, QuantizedTensor) and not tensor.is_floating_point():
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                raise CheckpointError(f"{file.name}: tensor {name!r} is {dtype}, not a floating-point type; the file's "
+                                      "header was altered or damaged: re-download or re-save the checkpoint")
             yield file, name, canonical, tensor
     unused += [n for n in names if n not in read_names and not ignored.fullmatch(n)]
     if unused:
