@@ -124,11 +124,9 @@ def build(isa: str) -> Gemv | None:
 def gemv() -> Gemv | None:
     """The build to use now (chosen_isa), or None for the portable path."""
     isa = chosen_isa()
-    if isa is None:
-        if os.environ.get("MOE_OFFLOAD_NATIVE", "1") != "0" and not os.environ.get("MOE_OFFLOAD_ISA"):
-            _log_no_isa()
-        return None
-    return build(isa)
+    if isa is None and not cpu_isas():
+        _log_no_isa()
+    return build(isa) if isa else None
 
 
 @lru_cache(maxsize=1)
