@@ -1,8 +1,11 @@
 """Tiled bit layouts for 2/3/4-bit codes, shared by the CPU and Triton kernels.
 
-Rows are padded to tiles of 64. Within a tile, a byte holds codes of the same column k
-for rows 16 or 32 apart, chosen so that the CPU kernel gets torch's int4pack layout
-(AVX2: blocks of 32 rows, byte j = row j | row j+16 << 4) with one or two masks:
+Our own layout: the bytes packed checkpoints store, read as they are by our CPU GEMV (AVX2 and
+AVX-512 builds) and the Triton kernels; torch's int4pack layout is another matter (it differs
+between AVX2 and AVX-512 CPUs), reached only by conversion (offload.kernels.cpu.int4pack_weight).
+Rows are padded to tiles of 64. Within a tile, a byte holds codes of the same column k for rows
+16 or 32 apart, so that a 16-byte column becomes 16-row float vectors (or 8-row halves) with one
+mask each, for every bit width (a 4-bit 32-row block: byte j = row j | row j+16 << 4):
   4-bit  [T, 2, K, 16]  byte (h, k, j): row 32h+j (bits 0-3), row 32h+16+j (bits 4-7)
   2-bit  [T, K, 16]     byte (k, j): rows j, 32+j, 16+j, 48+j at bits 0, 2, 4, 6
   3-bit  2-bit plane of the low bits + 1-bit plane [T, K, 8] of the high bit:
