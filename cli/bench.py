@@ -94,6 +94,22 @@ def startup(venv: Path | None = typer.Option(None, help="A venv with moe-offload
     run(venv, runs, str(json_out) if json_out else None)
 
 
+@app.command()
+def fuzz(target: list[str] = typer.Option(["all"], help="Fuzz target (repeatable): safetensors, index, packed, "
+                                                        "any registered one, or all."),
+         cases: int = typer.Option(100_000, min=1, help="Cases in all, shared evenly by the targets."),
+         seed: int = typer.Option(0), limit: float = typer.Option(10.0, help="Seconds one case may take."),
+         json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Property-based fuzzing of the parsers of files users hand us: each damaged file must load right or fail with
+    a one-line error (exit 1 when a case does neither)."""
+    try:
+        from offload.bench.fuzz import run
+    except ImportError as e:
+        raise RuntimeError(f"offload-bench fuzz needs {e.name}: pip install 'moe-offload[dev]'") from None
+    if any(report.failures for report in run(target, cases, seed, limit, json_out)):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     from .common import run_app
 
