@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from offload.quant.pack import pack_expert, read_index
 
 from .checkpoint import TensorStream, open_shard, regular_file
 from .engine.store import HostStore
-from .errors import CheckpointError
+from .errors import CheckpointError, OffloadError
 from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, converted, load_spec, place
 from .model.predictor import FILENAME as PREDICTOR
 from .spec import ModelSpec
@@ -35,6 +38,8 @@ PAGE = 4096  # blobs start on page boundaries: a blob maps to whole pages
 DTYPES = ("float32", "bfloat16", "float16")
 SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", PREDICTOR)
+STAGING = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # the hidden folder a convert writes in, beside its destination
+LOCK = ".offload-convert.lock"  # in that folder, locked (flock) by the convert writing it for as long as it runs
 RECONVERT = "re-convert the model with offload-convert"
 
 
@@ -59,24 +64,75 @@ def file_crc(file: Path) -> int:
 # ---- writing ----
 
 def convert(source: str | Path, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Stream a checkpoint into the packed layout; written under a temporary name, then renamed."""
+    """Stream a checkpoint into the packed layout, written in a hidden folder beside `dest`, then renamed."""
     path, config, spec, adapter = load_spec(source)
     dtype = dtype or checkpoint_dtype(config)
     dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists; choose a new output directory")
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    try:
-        for name in SIDECAR_FILES:
-            if (path / name).is_file():
-                shutil.copy2(path / name, tmp / name)
+    if os.path.lexists(dest):
+        raise OffloadError(f"{dest} already exists{' (a symbolic link)' if dest.is_symlink() else ''}; choose a "
+                           "new output directory")
+    sidecars = _sidecars(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dest.parent)
+    with _staging(dest) as tmp:
+        for file in sidecars:
+            shutil.copyfile(file, tmp / file.name)  # contents only: a new file's mode, as the others
         _write(path, spec, adapter, dtype, tmp)
-        os.replace(tmp, dest)
+    return dest
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """The side files to copy: regular files of the model. A symlink is one when it resolves inside the model
+    folder or, in a Hugging Face cache snapshot (models--org--name/snapshots/REV, every file a link into the
+    repo's blobs/), inside that repo's folder; any other (e.g. /etc/passwd as tokenizer.model) is refused."""
+    in_cache = path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
+    root = (path.parent.parent if in_cache else path).resolve()
+    files = []
+    for name in SIDECAR_FILES:
+        file = path / name
+        if not os.path.lexists(file):
+            continue
+        target = file.resolve()
+        if not target.is_relative_to(root):
+            raise CheckpointError(f"{file} links to {target}, outside the model ({root}); copy the file into the "
+                                  "model directory, or remove the link")
+        files.append(regular_file(file, "replace it with the model's file, or remove it"))
+    return files
+
+
+def _remove_stale(parent: Path) -> None:
+    """Remove the hidden folders of converts that were killed (SIGKILL, power loss: no chance to clean up): ours
+    by name and lock file, and unlocked; a folder whose lock is held is a convert still running."""
+    import fcntl
+
+    for folder in parent.iterdir():
+        if not STAGING.fullmatch(folder.name) or folder.is_symlink() or not (folder / LOCK).is_file():
+            continue
+        try:
+            with open(folder / LOCK, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder)
+        except OSError:  # locked by a running convert, or not ours to remove
+            continue
+
+
+@contextmanager
+def _staging(dest: Path) -> Iterator[Path]:
+    """A hidden folder beside `dest`, renamed to `dest` when the block completes and removed if it raises;
+    locked while this process lives, so that only a killed run's folder is taken for stale (_remove_stale)."""
+    import fcntl
+
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        with open(tmp / LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield tmp
+            (tmp / LOCK).unlink()  # still held through the open file until the rename
+            os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
 
 
 def _write(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, out: Path) -> None:
@@ -111,6 +167,7 @@ def _write(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, out: Path) 
         raise CheckpointError(f"{path}: checkpoint lacks tensors config.json requires, e.g. {missing[:3]}; "
                               "re-download it")
     save_file(dense, out / DENSE, metadata={"format": "pt"})
+    shutil.copymode(out / BLOBS, out / DENSE)  # save_file creates its file 0600
     (out / INDEX).write_text(json.dumps({"format": FORMAT, "dtype": str(dtype).removeprefix("torch."),
                                          "bytes": offset, "dense_crc32": file_crc(out / DENSE),
                                          "experts": index}))
