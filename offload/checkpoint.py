@@ -61,6 +61,12 @@ def read_config(path: Path) -> dict:
         raise ModelFormatError(f"{file} is not valid JSON ({e}); re-export the model's config") from None
 
 
+def reason(error: BaseException) -> str:
+    """An exception's message on one line: safetensors' errors quote the header they could not parse, newlines
+    and all."""
+    return " ".join(str(error).split())[:300]
+
+
 def regular_file(file: Path, fix: str) -> Path:
     """`file` if it is, or links to, a regular file; a FIFO or device would block a read or never end it."""
     try:
@@ -146,7 +152,7 @@ class TensorStream:
             try:
                 self._open[file] = self._stack.enter_context(open_shard(file))
             except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file}: cannot read it as safetensors ({e}); the file is truncated or "
+                raise CheckpointError(f"{file}: cannot read it as safetensors ({reason(e)}); the file is truncated or "
                                       "corrupt: re-download or re-save it") from None
         return self._open[file]
 
@@ -196,5 +202,5 @@ class TensorStream:
         try:
             return self._handle(file).get_tensor(name)
         except SafetensorError as e:
-            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e}); the file is truncated or "
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({reason(e)}); the file is truncated or "
                                   "corrupt: re-download or re-save it") from None

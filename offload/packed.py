@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from offload.quant.pack import pack_expert, read_index
 
-from .checkpoint import TensorStream, open_shard, regular_file
+from .checkpoint import TensorStream, open_shard, reason, regular_file
 from .engine.store import HostStore
 from .errors import CheckpointError, OffloadError
 from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, converted, load_spec, place
@@ -103,7 +103,7 @@ def _sidecars(path: Path) -> list[Path]:
 def _remove_stale(parent: Path) -> None:
     """Remove the hidden folders of converts that were killed (SIGKILL, power loss: no chance to clean up): ours
     by name and lock file, and unlocked; a folder whose lock is held is a convert still running."""
-    import fcntl
+    import fcntl  # POSIX only, and only converting needs it
 
     for folder in parent.iterdir():
         if not STAGING.fullmatch(folder.name) or folder.is_symlink() or not (folder / LOCK).is_file():
@@ -310,7 +310,7 @@ def _read_dense(file: Path, meta: dict, spec: ModelSpec, dtype: torch.dtype
         with open_shard(file) as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file} cannot be read as safetensors ({e}); {RECONVERT}") from None
+        raise CheckpointError(f"{file} cannot be read as safetensors ({reason(e)}); {RECONVERT}") from None
     expected = {k: s for k, s in spec.expected_shapes().items() if not EXPERT.fullmatch(k)}
     dense = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
     if set(dense) != set(expected):
