@@ -79,7 +79,8 @@ def regular_file(file: Path, fix: str) -> Path:
 
 
 def _plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    """A file name without folders, and printable: a newline in it would split any message that names it."""
+    return name not in ("", ".", "..") and name.isprintable() and "/" not in name and "\\" not in name
 
 
 def _indexed_shards(index: Path) -> list[str]:

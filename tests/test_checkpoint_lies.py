@@ -105,7 +105,8 @@ def test_index_entries_must_be_plain_names_inside_the_model(sharded, tmp_path):
 
 
 @pytest.mark.parametrize("index", ["null", "[]", '{"weight_map": null}', '{"weight_map": ["a"]}',
-                                   '{"weight_map": {"model.norm.weight": 3}}', '"text"'])
+                                   '{"weight_map": {"model.norm.weight": 3}}', '"text"',
+                                   '{"weight_map": {"model.norm.weight": "a\\nb.safetensors"}}'])
 def test_a_malformed_index_gives_a_clean_error(sharded, tmp_path, index):
     model = shutil.copytree(sharded[0], tmp_path / "model")
     (model / INDEX).write_text(index)
