@@ -122,10 +122,12 @@ def test_a_flipped_bit_in_an_expert_is_caught(pack, cache_experts):
     one_line(e.value, "experts.bin")
 
 
-def test_the_magic_of_the_first_blob_is_checked(pack):
-    flip(pack / "experts.bin", meta(pack)["experts"]["1/0"][0], 0x01)
+@pytest.mark.parametrize("key", ["1/0", "1/1"])
+def test_the_magic_of_every_blob_is_checked(pack, key):
+    """The first blob's raised a raw ValueError, and so did another's (found by offload-bench fuzz)."""
+    flip(pack / "experts.bin", meta(pack)["experts"][key][0], 0x01)
     with pytest.raises(CheckpointError) as e:
-        offload.load(pack)
+        offload.load(pack, cache_experts=4)
     one_line(e.value, "experts.bin")
 
 

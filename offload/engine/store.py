@@ -28,8 +28,12 @@ def _describe(entry: dict[str, Any]) -> str:
                                           in entry["tensors"].items())
 
 
-def _difference(index: dict[str, Any], other: dict[str, Any]) -> str:
-    """How blob index `other` differs from `index`, in a few words."""
+def _difference(index: dict[str, Any], blob: torch.Tensor) -> str:
+    """How `blob`'s header differs from `index`, in a few words (it may not be a header at all)."""
+    try:
+        other = read_index(blob)
+    except ValueError as e:
+        return str(e)
     want, got = index["entries"], other["entries"]
     if list(got) != list(want):
         return f"entries {list(got)} instead of {list(want)}"
@@ -101,7 +105,7 @@ class HostStore:
             if not torch.equal(blob[: header.numel()], header):
                 raise CheckpointError(
                     f"expert blob (layer {layer}, expert {expert}) is laid out unlike (layer {first[0]}, expert "
-                    f"{first[1]})'s: {_difference(self.index, read_index(blob))}; read with the shared layout its "
+                    f"{first[1]})'s: {_difference(self.index, blob)}; read with the shared layout its "
                     "tensors would be mixed up: re-convert the checkpoint with offload-convert (experts packed by "
                     "hand need the same tensors, dtypes and shapes)")
 
