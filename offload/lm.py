@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .chat import render_chat
+from .errors import ModelFormatError
 from .generate import Sampling, TextStream, collect_ids, token_loop
 from .model.decoder import Decoder
 from .model.mtp import MTPHead, mtp_weights
@@ -43,15 +45,23 @@ class MoEModel:
         if self._tokenizer is None:
             import transformers
 
-            config_file = self.path / "tokenizer_config.json"
-            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            generic = config.get("tokenizer_class") in GENERIC_TOKENIZERS and (self.path / "tokenizer.json").is_file()
-            cls = getattr(transformers, config["tokenizer_class"]) if generic else transformers.AutoTokenizer
             try:
-                self._tokenizer = cls.from_pretrained(str(self.path))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{self.path} has no usable tokenizer ({e}); pass token ids instead of text, "
-                                 "or add tokenizer.json + tokenizer_config.json to the directory") from None
+                config_file = self.path / "tokenizer_config.json"
+                config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+                name = config.get("tokenizer_class")  # AttributeError when the file is not a JSON object
+                generic = name in GENERIC_TOKENIZERS and (self.path / "tokenizer.json").is_file()
+                tokenizer = (getattr(transformers, name) if generic else transformers.AutoTokenizer).from_pretrained(
+                    str(self.path))
+            except Exception as e:  # noqa: BLE001 - broken tokenizer files fail in many ways, each one line here
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                raise ModelFormatError(
+                    f"{self.path} has no usable tokenizer ({type(e).__name__}: {reason}); fix or re-download "
+                    "tokenizer.json + tokenizer_config.json, or pass token ids instead of text") from None
+            if tokenizer.vocab_size > self.spec.vocab_size:  # added tokens past it fail where used
+                raise ModelFormatError(
+                    f"{self.path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+                    f"{self.spec.vocab_size}; the tokenizer belongs to another model: use the model's own")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -84,9 +94,8 @@ class MoEModel:
         tok = self.tokenizer
         if isinstance(prompt, str):
             ids = tok(prompt)["input_ids"]
-        else:
-            ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        else:  # as apply_chat_template(add_generation_prompt=True) would, with bounded rendering (offload.chat)
+            ids = tok(render_chat(tok, prompt, str(self.path)), add_special_tokens=False)["input_ids"]
         return torch.tensor([list(ids)], dtype=torch.long)
 
     @torch.inference_mode()
