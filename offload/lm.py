@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,8 +22,12 @@ GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # AutoTok
 
 
 class MoEModel:
+    """Calls from several threads take turns (one decoder step at a time, see `_turn`); a call interrupted
+    anywhere, Ctrl-C included, leaves the model as good as new."""
+
     def __init__(self, decoder: Decoder, spec: ModelSpec, path: Path, mtp: dict[str, torch.Tensor]) -> None:
         self.decoder, self.spec, self.path, self.mtp = decoder, spec, path, mtp
+        self._lock = threading.Lock()
         self.plan = None  # the planner's Plan when cache_experts="auto"
         self._tokenizer = None
         self._mtp_head: MTPHead | None = None
@@ -84,8 +90,28 @@ class MoEModel:
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(self.device).bool())
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.decoder.hidden_states(input_ids, self.decoder.new_cache(B, T), positions, valid)
-        return self.decoder.logits(hidden).float()
+        with self._turn():
+            hidden = self.decoder.hidden_states(input_ids, self.decoder.new_cache(B, T), positions, valid)
+            return self.decoder.logits(hidden).float()
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """One stretch of decoder work: alone on the model (the expert engine's slots and copier, the torch
+        thread setting and the counters serve one caller at a time), in inference mode, and inside the engine's
+        `call`, which rolls back whatever an interrupted stretch left half done."""
+        with self._lock, torch.inference_mode(), self.decoder.experts.call():
+            yield
+
+    def _in_turns(self, steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """A token loop advanced one `_turn` per token. Between tokens the model is free: its state is whole
+        there and each loop keeps its own KV cache, so other calls may run, and a stream that is never finished
+        holds nothing."""
+        while True:
+            with self._turn():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token
 
     __call__ = forward
 
@@ -134,13 +160,13 @@ class MoEModel:
     def _tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
                 eos: list[int], draft: int) -> Iterator[torch.Tensor]:
         if not draft:
-            return token_loop(self.decoder, ids, mask, max_new_tokens, sampling, eos)
+            return self._in_turns(token_loop(self.decoder, ids, mask, max_new_tokens, sampling, eos))
         if mask is not None and not bool(mask.all()):
             raise ValueError("speculative decoding runs one unpadded sequence; drop attention_mask padding")
         if self._draft_length is None or self._draft_length.max_k != draft:  # its estimates outlive one call
             self._draft_length = DraftLength(draft)
-        return speculative_loop(self.decoder, self.mtp_head, ids, max_new_tokens, sampling, eos, draft,
-                                self.spec_stats, self._draft_length)
+        return self._in_turns(speculative_loop(self.decoder, self.mtp_head, ids, max_new_tokens, sampling, eos,
+                                               draft, self.spec_stats, self._draft_length))
 
     @property
     def mtp_head(self) -> MTPHead:
@@ -156,18 +182,18 @@ class MoEModel:
     def _stream_text(self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, eos: list[int],
                      stop: Sequence[str], draft: int) -> Iterator[str]:
         text = TextStream(self.tokenizer, stop)
-        with torch.inference_mode():
-            for token in self._tokens(ids, None, max_new_tokens, sampling, eos, draft):
-                if int(token[0]) in eos:
-                    break
-                piece = text.push(int(token[0]))
-                if piece:
-                    yield piece
-                if text.stopped:
-                    return
+        for token in self._tokens(ids, None, max_new_tokens, sampling, eos, draft):
+            if int(token[0]) in eos:
+                break
+            piece = text.push(int(token[0]))
+            if piece:
+                yield piece
+            if text.stopped:
+                return
         tail = text.flush()
         if tail:
             yield tail
 
     def stats(self) -> dict:
-        return self.decoder.experts.stats() | {"speculative": self.spec_stats.summary()}
+        with self._lock:
+            return self.decoder.experts.stats() | {"speculative": self.spec_stats.summary()}

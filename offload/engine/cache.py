@@ -12,14 +12,18 @@ from .policies import EvictionPolicy
 
 
 class LayerSlots:
-    def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
+    def __init__(self, capacity: int, policy: EvictionPolicy, holds: Sequence[int | None] = ()) -> None:
+        """`holds`: the distinct expert each slot already holds (None: free); default all free."""
         if capacity < 1:
             raise ValueError(f"an offloaded MoE layer needs at least 1 expert slot, got {capacity}")
         self.capacity = capacity
         self.policy = policy
-        self.slot_of: dict[int, int] = {}
-        self.free = list(range(capacity))
+        held = list(holds) or [None] * capacity
+        self.slot_of: dict[int, int] = {e: slot for slot, e in enumerate(held) if e is not None}
+        self.free = [slot for slot, e in enumerate(held) if e is None]
         self.step = 0
+        for expert in self.slot_of:
+            policy.on_insert(expert)
 
     def observe(self, experts: Sequence[int], weights: Sequence[float]) -> None:
         """A new router decision of this layer (best expert first)."""

@@ -29,7 +29,8 @@ class ThreadCopier:
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         start = time.perf_counter()
-        dst.copy_(src)
+        with torch.inference_mode():  # slots or blobs made in inference mode (a model loaded in it) are
+            dst.copy_(src)            # inference tensors: outside the mode, which is per thread, they are read-only
         self.busy_seconds += time.perf_counter() - start
 
     def submit(self, dst: torch.Tensor, src: torch.Tensor) -> Future:
@@ -51,6 +52,12 @@ class ThreadCopier:
 
     def wait(self, handle: Future) -> None:
         handle.result()  # re-raises the copy's exception in the caller
+
+    finish = wait  # the host waits for the copy: the same thing here
+
+    def drain(self) -> None:
+        """Return once every copy submitted so far has ended (a no-op queued behind them)."""
+        self._pool.submit(int).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -85,6 +92,15 @@ class CudaCopier:
 
     def wait(self, handle: torch.cuda.Event) -> None:
         torch.cuda.current_stream(self.device).wait_event(handle)  # no host sync
+
+    def finish(self, handle: torch.cuda.Event) -> None:
+        """Block the host until the copy is done (a write-back the host is about to read)."""
+        handle.synchronize()
+
+    def drain(self) -> None:
+        """Return once every copy submitted so far has ended."""
+        self.stream.synchronize()
+        self.back_stream.synchronize()
 
     def close(self) -> None:
         self.stream.synchronize()

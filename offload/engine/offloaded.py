@@ -1,10 +1,15 @@
 """The offload engine as an ExpertProvider: experts live in the host tier, `capacity` of them per MoE
 layer sit in preallocated device slots; misses are copied in on the copier lane, predicted experts of
-later layers are prefetched behind the current layer's compute, and outputs never change."""
+later layers are prefetched behind the current layer's compute, and outputs never change.
+
+A call may stop anywhere (Ctrl-C raises KeyboardInterrupt between any two bytecodes): `holds`, what each slot's
+bytes are once the copier lane drains, is only ever changed so that it stays true, and `call()` rebuilds the
+rest of the bookkeeping from it (`recover`) after a call that did not finish."""
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -33,26 +38,18 @@ class OffloadedExperts:
         if miss_policy not in ("load", "cpu", "auto"):
             raise ValueError(f"miss_policy must be 'load', 'cpu' or 'auto', got {miss_policy!r}")
         self.store, self.device, self.top_k = store, device, top_k
-        self.miss_policy = miss_policy
+        self.miss_policy, self.policy = miss_policy, policy
         self.host_bandwidth = self.copy_bandwidth = 0.0  # measured on first use by the "auto" cost model
         self.copier = make_copier(device)
-        self.slots = {layer: LayerSlots(capacity, make_policy(policy)) for layer in moe_layers}
-        self.history: RoutingHistory | None = None  # every layer's routing per token, kept only if a policy reads it
-        if any(slots.policy.reads_history for slots in self.slots.values()):
-            self.history = RoutingHistory(moe_layers, max(top_k, 1))
-            for layer, slots in self.slots.items():
-                slots.policy.attach(self.history, layer)
-        self._token, self._last_layer = 0, None  # history keys: a layer at or before the last starts a new token
+        # layer -> per slot, the expert whose bytes the slot holds once the copier lane has drained (None: none)
+        self.holds: dict[int, list[int | None]] = {layer: [None] * capacity for layer in moe_layers}
+        self._start_bookkeeping()
+        self.stale = False  # a call began and did not finish: the bookkeeping may not match the slots
         self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
                        for layer in moe_layers}
-        self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
-        self.ready: dict[tuple[int, int], ExpertWeights] = {}  # (layer, slot) -> compute-ready weights
-        self.host_views: dict[tuple[int, int], ExpertWeights] = {}  # (layer, expert) -> views into its host blob
         # (layer, slot) -> views into the slot: every blob has one layout, so a slot's views never change
         self.slot_views = {(layer, slot): store.view(self.memory[layer][slot])
                            for layer in moe_layers for slot in range(capacity)}
-        self.prefetched: set[tuple[int, int]] = set()  # loaded ahead and not used yet
-        self.predicted: dict[int, set[int]] = {}
         self.counters = EngineStats()
         self.exclusive = placement == "exclusive"
         if self.exclusive:  # start with the first experts of every layer on the device, the rest in the host
@@ -60,6 +57,63 @@ class OffloadedExperts:
                 for expert in range(capacity):
                     self._copy_in(layer, expert, *self.slots[layer].admit(expert, protected=()))
             self.sync()
+
+    def _start_bookkeeping(self) -> None:
+        """Slots as `holds` says, fresh policies (and routing history), nothing in flight."""
+        self.slots = {layer: LayerSlots(len(holds), make_policy(self.policy), holds)
+                      for layer, holds in self.holds.items()}
+        self.history: RoutingHistory | None = None  # every layer's routing per token, kept only if a policy reads it
+        if any(slots.policy.reads_history for slots in self.slots.values()):
+            self.history = RoutingHistory(list(self.slots), max(self.top_k, 1))
+            for layer, slots in self.slots.items():
+                slots.policy.attach(self.history, layer)
+        self._token, self._last_layer = 0, None  # history keys: a layer at or before the last starts a new token
+        self.pending: dict[tuple[int, int], object] = {}  # copies submitted, not yet waited on
+        self.ready: dict[tuple[int, int], ExpertWeights] = {}  # (layer, slot) -> compute-ready weights
+        self.host_views: dict[tuple[int, int], ExpertWeights] = {}  # (layer, expert) -> views into its host blob
+        self.homing: dict[tuple[int, int], object] = {}  # (layer, expert) -> its write-back, not yet waited on
+        self.prefetched: set[tuple[int, int]] = set()  # loaded ahead and not used yet
+        self.predicted: dict[int, set[int]] = {}
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """One model call. A call that raises (Ctrl-C included) is rolled back at once; one stopped anywhere
+        else, even inside that rollback, leaves `stale` set, and the next call rolls back first."""
+        if self.stale:
+            self.recover()
+        self.stale = True
+        try:
+            yield
+        except BaseException:
+            self.recover()
+            raise
+        self.stale = False
+
+    def recover(self) -> None:
+        """Back to a consistent state after an unfinished call: let the copier lane drain, keep in each slot the
+        expert `holds` names if its copy succeeded (once per layer), restart the bookkeeping from that, and
+        (exclusive placement) drop the host copy of every expert a slot holds, so each lives in exactly one
+        place. Safe to interrupt and run again."""
+        self.copier.drain()
+        for layer, holds in self.holds.items():
+            for slot, expert in enumerate(holds):
+                if expert is not None and (expert in holds[:slot] or not self._copied(layer, expert)):
+                    holds[slot] = None
+            if self.exclusive:
+                for expert in holds:
+                    self.store.blobs.pop((layer, expert), None)
+        self._start_bookkeeping()
+        self.stale = False
+
+    def _copied(self, layer: int, expert: int) -> bool:
+        """Whether the copy of `expert` into its slot, if one is still unwaited, succeeded (the lane is drained)."""
+        handle = self.pending.get((layer, expert))
+        try:
+            if handle is not None:
+                self.copier.wait(handle)
+        except Exception:  # noqa: BLE001 - a failed copy: the slot holds nothing usable
+            return False
+        return True
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:
@@ -146,34 +200,41 @@ class OffloadedExperts:
             stats.prefetch_issued += 1
 
     def _copy_in(self, layer: int, expert: int, slot: int, evicted: int | None) -> None:
-        blob = self.store.blobs[layer, expert]
-        dst = self.memory[layer][slot, : blob.numel()]
+        """Start copying `expert` into `slot` (exclusive placement: after sending `evicted` home). The slot
+        holds nothing usable from just before the copy is queued until it is recorded in `holds`."""
+        holds = self.holds[layer]
+        if self.exclusive and evicted is not None and (layer, evicted) not in self.pending:
+            home = self.store.new_blob()  # (an unwaited copy-in left the expert's host blob in place)
+            self.homing[layer, evicted] = self.copier.writeback(home, self.memory[layer][slot])
+            self.store.blobs[layer, evicted] = home
+            self.host_views.pop((layer, evicted), None)
+        holds[slot] = None
         self.ready.pop((layer, slot), None)
         if evicted is not None:
             self.pending.pop((layer, evicted), None)
             if (layer, evicted) in self.prefetched:
                 self.prefetched.discard((layer, evicted))
                 self.counters.layers[layer].prefetch_wasted += 1
-            if self.exclusive:
-                home = self.store.new_blob()
-                self.copier.writeback(home, self.memory[layer][slot])
-                self.store.blobs[layer, evicted] = home
-                self.host_views.pop((layer, evicted), None)
-        self.pending[layer, expert] = self.copier.submit(dst, blob)
+        blob = self.store.blobs[layer, expert]
+        self.pending[layer, expert] = self.copier.submit(self.memory[layer][slot, : blob.numel()], blob)
+        holds[slot] = expert
         self.counters.layers[layer].bytes_copied += blob.numel()
 
     def _ready(self, layer: int, expert: int) -> ExpertWeights:
         """Wait for the expert's copy (if any) and return views into its slot."""
-        handle = self.pending.pop((layer, expert), None)
+        handle = self.pending.get((layer, expert))
         if handle is not None:
             start = time.perf_counter()
             try:
                 self.copier.wait(handle)
             except Exception as e:
+                self.holds[layer][self.slots[layer].slot_of[expert]] = None
                 self.slots[layer].drop(expert)
                 self.prefetched.discard((layer, expert))
+                del self.pending[layer, expert]
                 raise OffloadError(f"copying expert {expert} of layer {layer} to {self.device} failed: {e}") from e
             self.counters.wait_seconds += time.perf_counter() - start
+            del self.pending[layer, expert]
             if self.exclusive:
                 del self.store.blobs[layer, expert]  # it lives on the device now
                 self.host_views.pop((layer, expert), None)
@@ -187,6 +248,9 @@ class OffloadedExperts:
         parse costs ~0.1 ms, as much as a small expert's whole MLP)."""
         views = self.host_views.get((layer, expert))
         if views is None:
+            homing = self.homing.pop((layer, expert), None)
+            if homing is not None:  # written back on the copier lane: the host reads it only once it has landed
+                self.copier.finish(homing)
             views = self.host_views[layer, expert] = self.store.view(self.store.blobs[layer, expert])
         return views
 

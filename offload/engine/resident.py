@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 
@@ -18,6 +19,10 @@ class ResidentExperts:
 
     def prefetch(self, predictions: list, count: int) -> None:
         """Nothing to prefetch: every expert is resident."""
+
+    def call(self) -> nullcontext:
+        """Nothing to roll back after an interrupted call: nothing moves."""
+        return nullcontext()
 
     def stats(self) -> dict:
         return {"resident_experts": len(self.experts)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
@@ -86,10 +87,14 @@ class ExpertProvider(Protocol):
     `experts` once over all batches (any order; weights on the compute device, or on the host to compute a
     miss there); a batch's weights stay valid until the next batch is asked for;
     `weights`/`tokens`: routing mass and token count per expert; `prefetch` lists (layer, experts)
-    predicted for later layers. An engine may load, cache or prefetch, but must yield exact weights."""
+    predicted for later layers. An engine may load, cache or prefetch, but must yield exact weights.
+    `call()` is a context manager around each model call, in which the provider can roll back a call that
+    did not finish."""
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, dict[str, torch.Tensor]]]]: ...
+
+    def call(self) -> AbstractContextManager: ...
 
 
 def expert_scores(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
