@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import sys
 
-import typer
-from rich.console import Console
+from .common import interrupts_deferred, interrupts_exit, run_app
+
+with interrupts_exit():  # Ctrl-C while the command-line libraries import
+    import typer
+    from rich.console import Console
 
 app = typer.Typer(add_completion=False, help=__doc__)
 console = Console(highlight=False)
@@ -68,6 +71,7 @@ def _load(model: str, **options):
 
     stderr = Console(stderr=True)
     if not stderr.is_terminal:  # a pipe or a file gets no display (rich would still write a newline)
+        _import_native_libraries()
         return offload.load(model, **options)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -77,7 +81,18 @@ def _load(model: str, **options):
         def report(stage: str, done: int, total: int) -> None:
             display.update(task, description=stage, completed=done, total=total)
 
+        _import_native_libraries()
         return offload.load(model, progress=report, **options)
+
+
+def _import_native_libraries() -> None:
+    """torch and the Rust-backed tokenizer and safetensors libraries, imported with Ctrl-C held until they are
+    (common.interrupts_deferred)."""
+    with interrupts_deferred():
+        import safetensors  # noqa: F401
+        import tokenizers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
 
 
 def _positive_int(text: str) -> int:
@@ -101,8 +116,6 @@ def _answer(lm, messages: list[dict], options: dict, label: str = "") -> str:
 
 
 def main() -> None:
-    from .common import run_app
-
     run_app(app)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
+from .common import interrupts_deferred, interrupts_exit, run_app
+
+with interrupts_exit():  # Ctrl-C while typer imports
+    import typer
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -14,7 +17,8 @@ def convert(source: str = typer.Argument(..., help="Model directory or hub repo 
             dest: Path = typer.Argument(..., help="Output directory (must not exist)."),
             dtype: str | None = typer.Option(None, help="bfloat16, float16 or float32 (default: the checkpoint's)."),
             debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
-    import torch
+    with interrupts_deferred():  # a Ctrl-C while torch starts up is held until it has (common.py)
+        import torch
 
     from offload.packed import convert as run
 
@@ -28,8 +32,6 @@ def convert(source: str = typer.Argument(..., help="Model directory or hub repo 
 
 
 def main() -> None:
-    from .common import run_app
-
     run_app(app)
 
 
