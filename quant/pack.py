@@ -95,8 +95,8 @@ def read_index(blob: torch.Tensor) -> dict[str, Any]:
     "base" is where the tensor data starts, "size" the blob size its layout implies."""
     start = len(MAGIC) + 4
     head = blob[:start].cpu().numpy().tobytes()
-    if head[: len(MAGIC)] != MAGIC:
-        raise ValueError("not an expert blob (bad magic); was it written by offload.quant.pack_expert?")
+    if len(head) < start or head[: len(MAGIC)] != MAGIC:
+        raise ValueError("not an expert blob (too short, or a bad magic); was it written by offload.quant.pack_expert?")
     (length,) = struct.unpack("<I", head[len(MAGIC):])
     if length > min(MAX_HEADER, blob.numel() - start):
         raise ValueError(f"its header length {length} does not fit the blob ({blob.numel()} bytes)")

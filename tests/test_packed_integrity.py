@@ -81,6 +81,7 @@ INDEX_LIES = {
     "negative offset": lambda m: m["experts"]["3/5"].__setitem__(0, -4096),
     "swapped offsets": _swap,
     "shortened size": _shorten,
+    "size shorter than a blob header": lambda m: m["experts"]["1/0"].__setitem__(1, 9),  # found by the fuzzer
     "overlapping blobs": _overlap,
     "unknown format": lambda m: m.__setitem__("format", 99),
     "missing expert": lambda m: m["experts"].pop("4/7"),
