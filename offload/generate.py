@@ -1,6 +1,7 @@
 """Decoding: sampling rules, the token loop over a preallocated KV cache, and incremental text streaming."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,54 @@ def next_tokens(logits: torch.Tensor, history: torch.Tensor, s: Sampling,
     if s.temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def check_mask(mask: torch.Tensor | None, ids: torch.Tensor, left_padded: bool) -> torch.Tensor:
+    """The attention mask as bool [B, T] (all true when None), or a one-line ValueError: the shape of input_ids,
+    only 0 and 1, a token in every row, and for generation padding only on the left (a right-padded row would
+    continue from its padding, and its output would be wrong)."""
+    if mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    shapes = (tuple(ids.shape), tuple(ids.shape[1:]) if ids.shape[0] == 1 else None)  # [1, T] ids: a [T] mask
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in shapes:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask has shape {shape} but input_ids {tuple(ids.shape)}; give one 0/1 entry "
+                         "per token")
+    mask = mask.reshape(ids.shape).to(ids.device)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 and 1 (1 = token, 0 = padding)")
+    valid = mask.bool()
+    if not valid.any(1).all():
+        raise ValueError(f"attention_mask row {int((~valid.any(1)).nonzero()[0])} has no tokens; drop that row")
+    right = valid[:, :-1] & ~valid[:, 1:]
+    if left_padded and right.any():
+        raise ValueError(f"attention_mask row {int(right.any(1).nonzero()[0])} has padding after a token; generate "
+                         "continues every row from its last position: pad on the left (tokenizer.padding_side = "
+                         "'left')")
+    return valid
+
+
+def context_budget(prompt_tokens: int, max_new_tokens: int, limit: int) -> int:
+    """How many tokens may follow the prompt within the model's context (max_position_embeddings): a longer
+    prompt is refused; generation is capped there (`stop_at_context` says so when it happens)."""
+    if prompt_tokens > limit:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens, more than the model's context of {limit} "
+                         "(max_position_embeddings); shorten it")
+    return min(max_new_tokens, limit - prompt_tokens)
+
+
+def stop_at_context(tokens: Iterator[torch.Tensor], budget: int, requested: int, limit: int,
+                    eos_ids: Sequence[int]) -> Iterator[torch.Tensor]:
+    """Pass the tokens on; when the context limit, not EOS or max_new_tokens, ended generation, warn."""
+    produced, finished = 0, None
+    for token in tokens:
+        produced += 1
+        ended = torch.isin(token, torch.tensor(list(eos_ids), dtype=token.dtype, device=token.device))
+        finished = ended if finished is None else finished | ended
+        yield token
+    if budget < requested and produced == budget and not (finished is not None and bool(finished.all())):
+        warnings.warn(f"generation stopped at the model's context limit of {limit} tokens "
+                      "(max_position_embeddings), before max_new_tokens", stacklevel=2)
 
 
 def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -11,7 +11,7 @@ import torch
 
 from .chat import render_chat
 from .errors import ModelFormatError
-from .generate import Sampling, TextStream, collect_ids, token_loop
+from .generate import Sampling, TextStream, check_mask, collect_ids, context_budget, stop_at_context, token_loop
 from .model.decoder import Decoder
 from .model.mtp import MTPHead, mtp_weights
 from .spec import ModelSpec
@@ -76,6 +76,8 @@ class MoEModel:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty (0 tokens); give at least one token (e.g. the BOS token)")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.spec.vocab_size):
             raise ValueError(f"input_ids hold values outside the vocabulary [0, {self.spec.vocab_size}) "
                              f"(min {int(input_ids.min())}, max {int(input_ids.max())}); "
@@ -87,8 +89,8 @@ class MoEModel:
         """Stateless full forward: logits [B, T, V] (fp32)."""
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
-        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                 else attention_mask.to(self.device).bool())
+        context_budget(T, 0, self.spec.max_position_embeddings)
+        valid = check_mask(attention_mask, input_ids, left_padded=False)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         with self._turn():
             hidden = self.decoder.hidden_states(input_ids, self.decoder.new_cache(B, T), positions, valid)
@@ -147,7 +149,7 @@ class MoEModel:
             if stream or stop:
                 raise ValueError("stream and stop need a text prompt; with token ids use max_new_tokens and EOS")
             ids = self._check_ids(prompt)
-            mask = None if attention_mask is None else attention_mask.to(self.device)
+            mask = check_mask(attention_mask, ids, left_padded=True)
             pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else (eos[0] if eos else 0)
             if max_new_tokens == 0:
                 return ids
@@ -159,6 +161,14 @@ class MoEModel:
 
     def _tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
                 eos: list[int], draft: int) -> Iterator[torch.Tensor]:
+        """The new tokens, at most up to the model's context limit (generate.context_budget)."""
+        limit = self.spec.max_position_embeddings
+        budget = context_budget(ids.shape[1], max_new_tokens, limit)
+        return stop_at_context(self._steps(ids, mask, budget, sampling, eos, draft), budget, max_new_tokens, limit,
+                               eos)
+
+    def _steps(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
+               eos: list[int], draft: int) -> Iterator[torch.Tensor]:
         if not draft:
             return self._in_turns(token_loop(self.decoder, ids, mask, max_new_tokens, sampling, eos))
         if mask is not None and not bool(mask.all()):

@@ -5,13 +5,16 @@ from pathlib import Path
 
 import torch
 
+from offload.quant import PRESETS
+
 from .engine.offloaded import OffloadedExperts
 from .engine.planner import plan
+from .engine.policies import POLICIES
 from .engine.recorder import RoutingRecorder
 from .engine.resident import ResidentExperts
 from .engine.store import HostStore
 from .lm import MoEModel
-from .loader import Progress, checkpoint_dtype, load_spec, load_weights
+from .loader import COMPUTE_DTYPES, Progress, checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
 from .model.predictor import load as load_predictors
 from .packed import is_packed, open_packed
@@ -21,7 +24,44 @@ from .quantize import prepared, quantize_weights
 def _device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return dev
+
+
+def _count(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy: str, placement: str,
+                   context: int, quant, memory_budget, predict_from: str, progress) -> None:
+    """Every option of `load`, before any file is read: a one-line ValueError naming the option."""
+    _choice("dtype", dtype, (None, *COMPUTE_DTYPES))
+    if cache_experts not in (None, "auto"):
+        _count("cache_experts (None, 'auto' or slots per layer)", cache_experts, 1)
+    _count("prefetch", prefetch, 0)
+    _choice("policy", policy, POLICIES)
+    _choice("miss_policy", miss_policy, ("load", "cpu", "auto"))
+    _choice("placement", placement, ("auto", "inclusive", "exclusive"))
+    _count("context", context, 1)
+    _choice("quant", quant, (None, *PRESETS))
+    if memory_budget is not None:
+        _count("memory_budget (bytes)", memory_budget, 1)
+        if cache_experts != "auto":
+            raise ValueError("memory_budget sizes the expert cache the planner chooses: it needs cache_experts='auto'")
+    _choice("predict_from", predict_from, ("attention", "output"))
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be None or a callable progress(stage, done, total), got {progress!r}")
 
 
 def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.dtype | None = None, *,
@@ -45,11 +85,17 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load. progress: called as
     progress(stage, done, total) during the slow stages of a load (offload-chat draws it).
     """
-    path, config, spec, adapter = load_spec(source)
+    _check_options(dtype, cache_experts, prefetch, policy, miss_policy, placement, context, quant, memory_budget,
+                   predict_from, progress)
     dev = _device(device)
+    recorder = None if record_trace is None else RoutingRecorder(record_trace)  # checks it can write there
+    path, config, spec, adapter = load_spec(source)
     offloaded = cache_experts is not None and bool(spec.moe_layers)
     store = resident = None
     if is_packed(path):  # offload-convert output: experts memory-mapped from disk, checked (offload.packed)
+        if quant is not None:
+            raise ValueError(f"{path} is a packed checkpoint (offload-convert output), stored as packed: quant="
+                             f"{quant!r} cannot apply to it; load the original checkpoint with quant, or drop quant")
         packed = open_packed(path, spec)
         if dtype not in (None, packed.dtype):
             raise ValueError(f"{path} was packed in {packed.dtype}; load it with dtype=None or re-convert")
@@ -83,8 +129,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
                       prefetch=prefetch if offloaded else 0, predict_from=predict_from)
     if offloaded and prefetch:
         decoder.predictors = load_predictors(path, spec.hidden_size, dev, dtype)
-    if record_trace is not None:
-        decoder.recorder = RoutingRecorder(record_trace)
+    decoder.recorder = recorder
     model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})
     model.plan = model_plan
     return model

@@ -5,6 +5,7 @@ One `seq` per batch row of each generate call, `token` = decode step. The file i
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +15,16 @@ from .trace import TraceWriter
 
 class RoutingRecorder:
     def __init__(self, path: str | Path) -> None:
+        """Fails now, with a one-line ValueError, if the trace could not be written at the end of a generate."""
         self.path = Path(path)
+        try:
+            if self.path.is_dir():
+                raise IsADirectoryError(21, "it is a directory")
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".probe"):
+                pass  # TraceWriter writes a temporary file there, then renames it
+        except OSError as e:
+            raise ValueError(f"record_trace={str(path)!r} cannot be written ({e.strerror or e}); give a file path "
+                             "in an existing, writable directory") from None
         self.rows: list[tuple[int, int, int, list[int], list[float]]] = []
         self.next_seq = 0
         self.first_seq = 0

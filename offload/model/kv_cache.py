@@ -1,5 +1,6 @@
-"""Preallocated KV cache. Full-attention layers keep every position; sliding-window layers keep a ring of
-exactly `window` entries, so their memory is constant in sequence length.
+"""KV cache. Full-attention layers keep every position; sliding-window layers keep a ring of exactly `window`
+entries, so their memory is constant in sequence length. Storage grows as entries are written (doubling, from
+CHUNK entries, up to the layer's capacity), so a generous max_new_tokens costs nothing until it is generated.
 
 Every cache entry records the sequence index it holds (-1 = empty) and, per batch row, whether it is a
 real token (left padding is not), so attention masks come from the cache itself.
@@ -12,6 +13,7 @@ import torch
 
 from ..spec import AttentionSpec
 
+CHUNK = 256  # entries first allocated per layer
 
 @dataclass
 class KeysView:
@@ -28,32 +30,46 @@ class LayerCache:
     def __init__(self, attn: AttentionSpec, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, slack: int = 0) -> None:
         self.window = attn.window
-        capacity = min(max_len, attn.window + slack) if attn.window else max_len
-        self.k = torch.zeros(batch, attn.num_kv_heads, capacity, attn.head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, attn.num_kv_heads, capacity, attn.v_head_dim, dtype=dtype, device=device)
-        self.index = torch.full((capacity,), -1, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.index.numel()
+        self.capacity = min(max_len, attn.window + slack) if attn.window else max_len  # entries it may hold
+        size = min(self.capacity, CHUNK)
+        self.k = torch.zeros(batch, attn.num_kv_heads, size, attn.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, attn.num_kv_heads, size, attn.v_head_dim, dtype=dtype, device=device)
+        self.index = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> KeysView:
         """Add T new entries (sequence indices `index` [T], consecutive) and return the keys they may attend to."""
+        end = int(index[-1]) + 1
         if self.window is None:
-            end = int(index[-1]) + 1
             if end > self.capacity:
                 raise ValueError(f"sequence of {end} tokens exceeds the KV cache of {self.capacity}; "
                                  "allocate the cache for prompt + max_new_tokens")
+            self._grow(end)
             self._write(slice(int(index[0]), end), k, v, index, valid)
             return KeysView(self.k[:, :, :end], self.v[:, :, :end], self.index[:end], self.valid[:, :end])
         # Ring: new queries need up to window-1 older keys, so attend over ring + new, then keep the newest.
         view = KeysView(torch.cat((self.k, k), 2), torch.cat((self.v, v), 2),
                         torch.cat((self.index, index)), torch.cat((self.valid, valid), 1))
+        self._grow(min(end, self.capacity))  # before the ring first wraps, slot = index
         keep = min(k.shape[2], self.capacity)
         slots = index[-keep:] % self.capacity
         self._write(slots, k[:, :, -keep:], v[:, :, -keep:], index[-keep:], valid[:, -keep:])
         return view
+
+    def _grow(self, needed: int) -> None:
+        """Room for `needed` entries: at least double the storage (amortised copies), at most `capacity`."""
+        size = self.index.numel()
+        if needed <= size:
+            return
+        new = min(self.capacity, max(needed, 2 * size))
+
+        def grown(t: torch.Tensor, dim: int, fill) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = new - size
+            return torch.cat((t, torch.full(shape, fill, dtype=t.dtype, device=t.device)), dim)
+
+        self.k, self.v = grown(self.k, 2, 0), grown(self.v, 2, 0)
+        self.index, self.valid = grown(self.index, 0, -1), grown(self.valid, 1, False)
 
     def truncate(self, length: int) -> None:
         """Forget every entry at sequence index >= length."""
