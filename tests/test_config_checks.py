@@ -152,6 +152,12 @@ def test_layer_list_with_unknown_entry(base, tmp_path, arch, key, value):
     ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 1.5}},
      "partial_rotary_factor"),
     ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta"),
+    ("olmoe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),  # only MiMo's attention rotates part of a head
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0.5}}, "factor"),
+    ("gpt_oss", {"sliding_window": None}, "sliding_window"),  # its sliding layers need one
+    ("mimo_v2_flash", {"hidden_act": "gelu"}, "hidden_act"),
+    ("mixtral", {"num_local_experts": 4, "num_experts": 8}, "num_experts"),
     ("olmoe", {"rms_norm_eps": 0}, "rms_norm_eps"),
     ("olmoe", {"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
     ("olmoe", {"num_attention_heads": "4"}, "num_attention_heads"),

@@ -11,6 +11,7 @@ and an explicit null means what None means there, so both read the same file the
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -43,6 +44,8 @@ TOP_LEVEL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", 
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Per-layer rotary caches of older checkpoints: recomputed from config.json, and ignored by transformers too.
 ROTARY_CACHE = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+# Far above any released model: larger counts are corrupt, and would have the loader enumerate billions of tensors.
+MAX_LAYERS, MAX_EXPERTS = 1024, 16384
 
 
 def bad(key: str, value, rule: str) -> ModelFormatError:
@@ -53,7 +56,12 @@ def bad(key: str, value, rule: str) -> ModelFormatError:
 
 def _raw(config: dict, key: str, aliases: tuple[str, ...], default, null) -> tuple[str, Any, bool]:
     """(name, value, given). As in transformers, a field left out takes the class default and an explicit null
-    means None, which is `null` where None means something (no window, no clipping) and an error elsewhere."""
+    means None, which is `null` where None means something (no window, no clipping) and an error elsewhere.
+    Aliases are the names transformers' attribute_map also accepts; two of them must not disagree."""
+    present = [name for name in (key, *aliases) if name in config]
+    if len({json.dumps(config[name]) for name in present}) > 1:
+        first, other = present[0], present[1]
+        raise bad(other, config[other], f"equal to {first}={config[first]!r} (one field under two names)")
     for name in (key, *aliases):
         if name in config:
             if config[name] is not None:
@@ -73,12 +81,20 @@ def _is_int(value) -> bool:
 
 
 def integer(config: dict, key: str, *aliases: str, default=REQUIRED, null=REQUIRED, low: int = 1,
-            label: str = "") -> int:
-    """An integer field >= low (a bool or 64.0 is not an integer); `label` prefixes its name in errors."""
+            high: int | None = None, label: str = "") -> int:
+    """An integer field in [low, high] (a bool or 64.0 is not an integer); `label` prefixes its name in errors."""
     name, value, given = _raw(config, key, aliases, default, null)
-    if given and (not _is_int(value) or value < low):
-        raise bad(label + name, value, f"an integer >= {low}")
+    if given and (not _is_int(value) or value < low or (high is not None and value > high)):
+        raise bad(label + name, value, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
     return value
+
+
+def layer_count(config: dict) -> int:
+    return integer(config, "num_hidden_layers", high=MAX_LAYERS)
+
+
+def expert_count(config: dict, key: str, *aliases: str, low: int = 1) -> int:
+    return integer(config, key, *aliases, low=low, high=MAX_EXPERTS)
 
 
 def number(config: dict, key: str, *aliases: str, default=REQUIRED, null=REQUIRED, positive: bool = False,
@@ -94,16 +110,24 @@ def number(config: dict, key: str, *aliases: str, default=REQUIRED, null=REQUIRE
 
 
 def flag(config: dict, key: str, default: bool) -> bool:
-    """A true/false field; null is false, as transformers' `if config.<key>:` reads it."""
-    name, value, _ = _raw(config, key, (), default, False)
+    """A true/false field (null is refused, as transformers' type checks refuse it)."""
+    name, value, _ = _raw(config, key, (), default, REQUIRED)
     if not isinstance(value, bool):
         raise bad(name, value, "true or false")
     return value
 
 
-def window(config: dict, default: int | None) -> int | None:
-    """sliding_window: None (no window) or the number of keys a query sees, itself included (>= 1)."""
-    return integer(config, "sliding_window", default=default, null=None)
+def silu_mlp(config: dict) -> None:
+    """The gated MLPs (experts and dense layers) use hidden_act; only SiLU is implemented."""
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise bad("hidden_act", act, "'silu', the only activation this runtime implements for this architecture")
+
+
+def window(config: dict, default: int | None, nullable: bool = True) -> int | None:
+    """sliding_window: the number of keys a query sees, itself included (>= 1); null is no window where the
+    architecture's layers all may be unwindowed (`nullable`), an error where some must have one."""
+    return integer(config, "sliding_window", default=default, null=None if nullable else REQUIRED)
 
 
 def kinds(config: dict, key: str, n: int, allowed: tuple[str, ...], default: list[str]) -> list[str]:
@@ -130,7 +154,8 @@ def layer_set(config: dict, key: str, n: int) -> set[int]:
 def rope_params(config: dict, default_theta: float, default: dict | None = None) -> dict:
     """rope_parameters as transformers standardizes them: rope_scaling (older name) wins, then rope_parameters,
     then the architecture's default; rope_theta / partial_rotary_factor at top level fill what is unset."""
-    params = config.get("rope_scaling") or config.get("rope_parameters") or default or {}
+    params = config.get("rope_scaling") or config.get("rope_parameters")
+    params = (default or {}) if params is None else params
     if not isinstance(params, dict):
         raise bad("rope_parameters", params, "an object")
     params = dict(params)
@@ -141,28 +166,34 @@ def rope_params(config: dict, default_theta: float, default: dict | None = None)
     return params
 
 
-def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: float = 1.0,
+def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: float | None = None,
               label: str = "") -> RopeSpec:
     """The rope of one layer kind (`label`: its key in a per-kind rope_parameters), every value checked; yarn's
-    original_max_position_embeddings defaults to max_position_embeddings, as in transformers."""
+    original_max_position_embeddings defaults to max_position_embeddings, as in transformers. Partial rotary
+    only where the architecture's attention implements it (`default_partial` given): others rotate whole heads."""
     where = f"rope_parameters[{label!r}]" if label else "rope_parameters"
     if not isinstance(params, dict):
         raise bad(where, params, "an object")
-    kind = params.get("rope_type", "default")
-    if kind not in ("default", "yarn"):
+    kind = params.get("rope_type", params.get("type", "default"))  # `type`: the older name
+    if not isinstance(kind, str) or kind not in ("default", "yarn"):
         raise bad(f"{where}.rope_type", kind, "one of the supported kinds: default, yarn")
 
     def value(key: str, default=REQUIRED, positive: bool = True, null=REQUIRED):
         return number(params, key, default=default, null=null, positive=positive, label=where + ".")
 
-    partial = value("partial_rotary_factor", default_partial if kind == "default" else 1.0)
+    partial = value("partial_rotary_factor", default_partial if default_partial and kind == "default" else 1.0)
+    if default_partial is None and partial != 1:
+        raise bad(f"{where}.partial_rotary_factor", partial, "1 (this architecture rotates whole heads)")
     if partial > 1 or int(head_dim * partial) < 1:
         raise bad(f"{where}.partial_rotary_factor", partial,
                   f"in (0, 1], leaving at least one rotary channel of the head's {head_dim}")
     yarn = kind == "yarn"
+    theta = value("rope_theta")
+    if theta <= 1:
+        raise bad(f"{where}.rope_theta", theta, "> 1")
     return RopeSpec(
-        theta=value("rope_theta"), head_dim=head_dim, partial_factor=partial, kind=kind,
-        factor=value("factor") if yarn else 1.0,
+        theta=theta, head_dim=head_dim, partial_factor=partial, kind=kind,
+        factor=_at_least_one(value("factor"), f"{where}.factor") if yarn else 1.0,
         original_max_positions=integer(params, "original_max_position_embeddings", default=max_positions,
                                        label=where + ".") if yarn else 0,
         beta_fast=value("beta_fast", 32.0, null=32.0), beta_slow=value("beta_slow", 1.0, null=1.0),
@@ -171,16 +202,22 @@ def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: 
     )
 
 
-def head_dim_of(config: dict) -> int:
-    if config.get("head_dim") is not None:
-        return integer(config, "head_dim")
-    return integer(config, "hidden_size") // integer(config, "num_attention_heads")
+def _at_least_one(value: float, key: str) -> float:
+    if value < 1:
+        raise bad(key, value, ">= 1 (YaRN stretches the trained context)")
+    return value
+
+
+def head_dim_of(config: dict, default: int | None = None, nullable: bool = True) -> int:
+    """head_dim, else the class default, else hidden_size / num_attention_heads; null means the latter only
+    where transformers' model derives it (`nullable`)."""
+    return (integer(config, "head_dim", default=default, null=None if nullable else REQUIRED)
+            or integer(config, "hidden_size") // integer(config, "num_attention_heads"))
 
 
 def plain_attention(config: dict, rope: RopeSpec, bias_default: bool = False, **overrides) -> AttentionSpec:
     """The Llama-style attention most architectures use; adapters override what differs."""
-    heads = integer(config, "num_attention_heads")
-    hd = head_dim_of(config)
+    heads, hd = integer(config, "num_attention_heads"), rope.head_dim
     bias = flag(config, "attention_bias", bias_default)
     kv_heads = integer(config, "num_key_value_heads", default=heads, null=heads)
     fields = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, v_head_dim=hd, rope=rope, qkv_bias=bias,
@@ -188,13 +225,13 @@ def plain_attention(config: dict, rope: RopeSpec, bias_default: bool = False, **
     return AttentionSpec(**(fields | overrides))
 
 
-def token_ids(config: dict, key: str, default=None) -> tuple[int, ...]:
-    """eos_token_id and the like: an id, a list of ids, or null; every id inside the vocabulary."""
+def token_ids(config: dict, key: str, default=None, many: bool = False) -> tuple[int, ...]:
+    """A token id field (eos_token_id: also a list of them when `many`) or null; every id in the vocabulary."""
     value = config.get(key, default)
-    ids = [] if value is None else value if isinstance(value, list) else [value]
+    ids = [] if value is None else value if many and isinstance(value, list) else [value]
     vocab = integer(config, "vocab_size")
     if not all(_is_int(i) and 0 <= i < vocab for i in ids):
-        raise bad(key, value, f"a token id (or a list of them) in [0, vocab_size={vocab})")
+        raise bad(key, value, f"a token id{' (or a list of them)' if many else ''} in [0, vocab_size={vocab})")
     return tuple(ids)
 
 
@@ -202,16 +239,13 @@ def model_fields(config: dict, defaults: dict) -> dict:
     """The ModelSpec fields every architecture reads the same way; `defaults`: its transformers config class's
     values of rms_norm_eps, max_position_embeddings and the special token ids."""
     def one(key: str) -> int | None:
-        ids = token_ids(config, key, defaults.get(key))
-        if len(ids) > 1:
-            raise bad(key, config.get(key), "a single token id")
-        return ids[0] if ids else None
+        return next(iter(token_ids(config, key, defaults.get(key))), None)
 
     return dict(model_type=config["model_type"], vocab_size=integer(config, "vocab_size"),
                 hidden_size=integer(config, "hidden_size"),
                 rms_norm_eps=number(config, "rms_norm_eps", default=defaults["rms_norm_eps"], positive=True),
                 tie_word_embeddings=flag(config, "tie_word_embeddings", False), bos_token_id=one("bos_token_id"),
-                eos_token_ids=token_ids(config, "eos_token_id", defaults.get("eos_token_id")),
+                eos_token_ids=token_ids(config, "eos_token_id", defaults.get("eos_token_id"), many=True),
                 pad_token_id=one("pad_token_id"),
                 max_position_embeddings=integer(config, "max_position_embeddings",
                                                 default=defaults["max_position_embeddings"]))

@@ -19,9 +19,11 @@ from .base import (
     Converted,
     ReadTensor,
     Renamer,
+    expert_count,
     head_dim_of,
     integer,
     kinds,
+    layer_count,
     model_fields,
     number,
     plain_attention,
@@ -42,19 +44,20 @@ ignored = (ROTARY_CACHE,)
 
 def spec(config: dict) -> ModelSpec:
     fields = model_fields(config, DEFAULTS)
-    rope = rope_spec(rope_params(config, 150000.0, DEFAULT_ROPE), head_dim_of(config),
+    rope = rope_spec(rope_params(config, 150000.0, DEFAULT_ROPE), head_dim_of(config, 64),
                      fields["max_position_embeddings"])
-    n = integer(config, "num_hidden_layers")
+    n = layer_count(config)
     layer_types = kinds(config, "layer_types", n, ("sliding_attention", "full_attention"),
                         ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)])
-    sliding = window(config, 128)
+    sliding = window(config, 128, nullable=False)
     attn = {kind: plain_attention(config, rope, bias_default=True, sinks=True,
                                   window=sliding if kind == "sliding_attention" else None)
             for kind in set(layer_types)}
     return ModelSpec(
         **fields,
         layers=tuple(LayerSpec(attn[kind], "moe") for kind in layer_types),
-        router=RouterSpec(integer(config, "num_local_experts"), integer(config, "num_experts_per_tok", low=0),
+        router=RouterSpec(expert_count(config, "num_local_experts", "num_experts"),
+                          integer(config, "num_experts_per_tok", low=0),
                           "softmax_topk_first", False, bias=True),
         expert=ExpertSpec(integer(config, "intermediate_size"), "swiglu_clamp", bias=True,
                           alpha=number(config, "swiglu_alpha", default=1.702),

@@ -8,14 +8,17 @@ from .base import (
     Converted,
     ReadTensor,
     Renamer,
+    expert_count,
     flag,
     head_dim_of,
     integer,
     kinds,
+    layer_count,
     model_fields,
     number,
     plain_attention,
     rope_spec,
+    silu_mlp,
     window,
 )
 
@@ -30,23 +33,26 @@ ignored = (ROTARY_CACHE,)
 def _window(config: dict) -> int | None:
     """MiMo's own configs give sliding_window_size, the keys before the query: transformers adds the query."""
     size = integer(config, "sliding_window_size", default=None, null=None, low=0)
-    return window(config, 129) if size is None else size + 1
+    return window(config, 129, nullable=False) if size is None else size + 1
 
 
 def spec(config: dict) -> ModelSpec:
     fields = model_fields(config, DEFAULTS)
-    n = integer(config, "num_hidden_layers")
+    silu_mlp(config)
+    n = layer_count(config)
     layer_types = kinds(config, "layer_types", n, ("sliding_attention", "full_attention"),
                         ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])
     mlp_types = kinds(config, "mlp_layer_types", n, ("dense", "sparse"), ["dense"] + ["sparse"] * (n - 1))
-    rope = config.get("rope_parameters") or DEFAULT_ROPE
+    # transformers' setter for the older name rope_scaling replaces rope_parameters whenever it is set
+    rope = next((config[k] for k in ("rope_scaling", "rope_parameters") if config.get(k) is not None), DEFAULT_ROPE)
     kv = integer(config, "num_key_value_heads")
     sliding = _window(config)
+    head_dim = head_dim_of(config, 192, nullable=False)
     attn = {}
     for kind in set(layer_types):
         swa = kind == "sliding_attention"
         attn[kind] = plain_attention(
-            config, rope_spec(rope.get(kind) if isinstance(rope, dict) else rope, head_dim_of(config),
+            config, rope_spec(rope.get(kind) if isinstance(rope, dict) else rope, head_dim,
                               fields["max_position_embeddings"], default_partial=0.334, label=kind),
             num_kv_heads=2 * kv if swa else kv, v_head_dim=integer(config, "v_head_dim"), o_bias=False,
             window=sliding if swa else None, sinks=swa,
@@ -57,7 +63,7 @@ def spec(config: dict) -> ModelSpec:
         layers=tuple(LayerSpec(attn[kind], "moe" if mlp == "sparse" else "dense",
                                integer(config, "intermediate_size") if mlp == "dense" else 0)
                      for kind, mlp in zip(layer_types, mlp_types)),
-        router=RouterSpec(integer(config, "n_routed_experts", "num_local_experts"),
+        router=RouterSpec(expert_count(config, "n_routed_experts", "num_local_experts"),
                           integer(config, "num_experts_per_tok", low=0), "sigmoid",
                           flag(config, "norm_topk_prob", True),
                           scaling_factor=number(config, "routed_scaling_factor", default=1.0, null=1.0),

@@ -4,13 +4,16 @@ from .base import (
     COMMON_LAYER_RENAMES,
     ROTARY_CACHE,
     Renamer,
+    expert_count,
     head_dim_of,
     integer,
+    layer_count,
     model_fields,
     plain_attention,
     renaming_converter,
     rope_params,
     rope_spec,
+    silu_mlp,
     window,
 )
 
@@ -21,12 +24,14 @@ ignored = (ROTARY_CACHE,)
 
 def spec(config: dict) -> ModelSpec:
     fields = model_fields(config, DEFAULTS)
+    silu_mlp(config)
     rope = rope_spec(rope_params(config, 1e6), head_dim_of(config), fields["max_position_embeddings"])
     attn = plain_attention(config, rope, window=window(config, None))
     return ModelSpec(
         **fields,
-        layers=tuple(LayerSpec(attn, "moe") for _ in range(integer(config, "num_hidden_layers"))),
-        router=RouterSpec(integer(config, "num_local_experts"), integer(config, "num_experts_per_tok", low=0),
+        layers=tuple(LayerSpec(attn, "moe") for _ in range(layer_count(config))),
+        router=RouterSpec(expert_count(config, "num_local_experts", "num_experts"),
+                          integer(config, "num_experts_per_tok", low=0),
                           "softmax", True),
         expert=ExpertSpec(integer(config, "intermediate_size")),
     )

@@ -3,15 +3,18 @@ from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (
     ROTARY_CACHE,
     Renamer,
+    expert_count,
     flag,
     head_dim_of,
     integer,
+    layer_count,
     model_fields,
     number,
     plain_attention,
     renaming_converter,
     rope_params,
     rope_spec,
+    silu_mlp,
 )
 
 model_type = "olmoe"
@@ -21,13 +24,15 @@ ignored = (ROTARY_CACHE,)
 
 def spec(config: dict) -> ModelSpec:
     fields = model_fields(config, DEFAULTS)
-    rope = rope_spec(rope_params(config, 1e4), head_dim_of(config), fields["max_position_embeddings"])
+    silu_mlp(config)
+    rope = rope_spec(rope_params(config, 1e4), head_dim_of(config, nullable=False),
+                     fields["max_position_embeddings"])
     attn = plain_attention(config, rope, qk_norm="full", clip_qkv=number(config, "clip_qkv", default=None,
                                                                           null=None, positive=True))
     return ModelSpec(
         **fields,
-        layers=tuple(LayerSpec(attn, "moe") for _ in range(integer(config, "num_hidden_layers"))),
-        router=RouterSpec(integer(config, "num_experts", "num_local_experts"),
+        layers=tuple(LayerSpec(attn, "moe") for _ in range(layer_count(config))),
+        router=RouterSpec(expert_count(config, "num_experts", "num_local_experts"),
                           integer(config, "num_experts_per_tok", low=0), "softmax",
                           flag(config, "norm_topk_prob", False)),
         expert=ExpertSpec(integer(config, "intermediate_size")),

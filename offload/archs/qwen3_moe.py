@@ -3,15 +3,18 @@ from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (
     ROTARY_CACHE,
     Renamer,
+    expert_count,
     flag,
     head_dim_of,
     integer,
+    layer_count,
     layer_set,
     model_fields,
     plain_attention,
     renaming_converter,
     rope_params,
     rope_spec,
+    silu_mlp,
     window,
 )
 
@@ -22,13 +25,15 @@ ignored = (ROTARY_CACHE,)
 
 def spec(config: dict) -> ModelSpec:
     fields = model_fields(config, DEFAULTS)
-    n = integer(config, "num_hidden_layers")
+    silu_mlp(config)
+    n = layer_count(config)
     sliding = window(config, 4096) if flag(config, "use_sliding_window", False) else None
-    rope = rope_spec(rope_params(config, 1e4), head_dim_of(config), fields["max_position_embeddings"])
+    rope = rope_spec(rope_params(config, 1e4), head_dim_of(config, nullable=False),
+                     fields["max_position_embeddings"])
     attn = plain_attention(config, rope, window=sliding, qk_norm="head")
     dense_layers = layer_set(config, "mlp_only_layers", n)
     step = integer(config, "decoder_sparse_step", default=1)
-    num_experts = integer(config, "num_experts", "num_local_experts", low=0)
+    num_experts = expert_count(config, "num_experts", "num_local_experts", low=0)
 
     def mlp_kind(i: int) -> str:
         return "moe" if i not in dense_layers and num_experts > 0 and (i + 1) % step == 0 else "dense"
