@@ -127,7 +127,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]], where: str) -> str:
         source = tokenizer.get_chat_template()
     except ValueError:
         raise ModelFormatError(f"{where} has no chat template (chat_template.jinja or tokenizer_config.json's "
-                               "chat_template); pass the prompt as text or token ids instead of chat messages") from None
+                               "chat_template); pass text or token ids instead of chat messages") from None
     length = sum(len(str(v)) for m in messages for v in m.values())
     token = _budget.set(_Budget(MAX_CHARS + 8 * length))
     try:
