@@ -110,6 +110,18 @@ def fuzz(target: list[str] = typer.Option(["all"], help="Fuzz target (repeatable
         raise typer.Exit(1)
 
 
+@app.command()
+def soak(model: str = typer.Option("demo"), tokens: int = typer.Option(2000, min=1, help="Tokens to generate."),
+         step: int = typer.Option(100, min=1, help="Tokens per generate call (EOS ignored)."),
+         cycles: int = typer.Option(100, min=1, help="Load/unload cycles."),
+         cache_experts: int = typer.Option(4, min=0, help="Expert slots per layer (0: all resident)."),
+         json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Leaks over a long run: RSS slope, threads and open files over generated tokens, RSS over load cycles."""
+    from offload.bench.soak import run
+
+    run(model, tokens, step, cycles, cache_experts or None, json_out)
+
+
 def main() -> None:
     from .common import run_app
 
