@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import operator
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,6 +54,13 @@ def _check_args(args: tuple, kwargs: dict) -> None:
             _current().size(abs(value))
 
 
+def _check_format(text: Any) -> None:
+    """A format string ('%*d', '{:>N}') whose widths ask for a huge result."""
+    if isinstance(text, str):
+        for digits in re.findall(r"\d{7,}", text):
+            _current().size(int(digits))
+
+
 def _sized(value: Any) -> Any:
     if isinstance(value, (str, list, tuple, dict)):
         _current().size(len(value))
@@ -60,11 +68,13 @@ def _sized(value: Any) -> Any:
 
 
 class BoundedEnvironment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
         _current().step()
         _check_args(args, kwargs)
+        if getattr(__obj, "__name__", None) in ("format", "format_map"):
+            _check_format(getattr(__obj, "__self__", None))
         return _sized(super().call(__context, __obj, *args, **kwargs))
 
     def getattr(self, obj, attribute):
@@ -82,6 +92,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
                     _current().size(len(seq) * count)
             return operator.mul(left, right)
+        if op == "%":
+            _check_format(left)
+            _check_args(right if isinstance(right, tuple) else (right,), {})
+            return _sized(operator.mod(left, right))
         if isinstance(left, int) and isinstance(right, (int, float)) and abs(left) > 1:  # '**'
             _current().size(int(abs(right) * max(abs(left), 2).bit_length()) // 8)
         return operator.pow(left, right)

@@ -77,6 +77,8 @@ HOSTILE = {
     "filter_width": "{{ 'x' | center(1000000000) }}",
     "method_width": "{{ 'x'.ljust(1000000000) }}",
     "output_size": "{% for i in range(100000) %}{{ 'A' * 1000 }}{% endfor %}",
+    "percent_width": "{{ '%*d' % (1000000000, 1) }}",
+    "format_width": "{{ '{:>1000000000}'.format(1) }}",
     "raise_exception": "{{ raise_exception('only user and assistant roles are supported') }}",
     "syntax": "{% for m in messages %}",
 }
