@@ -12,6 +12,7 @@ import torch
 from .chat import render_chat
 from .errors import ModelFormatError
 from .generate import Sampling, TextStream, check_mask, collect_ids, context_budget, stop_at_context, token_loop
+from .loader import generation_eos
 from .model.decoder import Decoder
 from .model.mtp import MTPHead, mtp_weights
 from .spec import ModelSpec
@@ -33,10 +34,7 @@ class MoEModel:
         self._mtp_head: MTPHead | None = None
         self.spec_stats = SpecStats()
         self._draft_length: DraftLength | None = None
-        gen_file = path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-        eos = gen.get("eos_token_id", list(spec.eos_token_ids))
-        self.eos_token_ids: list[int] = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        self.eos_token_ids: list[int] = generation_eos(path, spec)
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,7 @@
 """Build a model from a checkpoint directory: config -> spec -> streamed, converted, checked weights."""
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -118,6 +119,24 @@ def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, devic
             f"{path}: checkpoint lacks {len(missing)} tensor(s) config.json requires, e.g. {missing[:3]}; "
             "a shard is missing or the checkpoint belongs to another config: re-download it")
     return out
+
+
+def generation_eos(path: Path, spec: ModelSpec) -> list[int]:
+    """The EOS ids generate stops at: generation_config.json's (read first, as transformers' generate does), else
+    config.json's; a file that is not JSON, or ids outside the vocabulary, are refused at load."""
+    file = path / "generation_config.json"
+    try:
+        gen = json.loads(file.read_text()) if file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{file} is not valid JSON ({e}); re-export it, or delete it") from None
+    if not isinstance(gen, dict):
+        raise ModelFormatError(f"{file} holds a JSON {type(gen).__name__}, not an object; re-export it, or delete it")
+    eos = gen.get("eos_token_id", list(spec.eos_token_ids))
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < spec.vocab_size for i in ids):
+        raise ModelFormatError(f"{file} has eos_token_id={eos!r}, but it must be a token id (or a list of them) in "
+                               f"[0, vocab_size={spec.vocab_size}); correct it, or delete the file")
+    return ids
 
 
 def load_spec(source: str | Path) -> tuple[Path, dict, ModelSpec, object]:

@@ -245,3 +245,12 @@ def test_transformers_default_config_accounts_for_every_tensor(arch):
     stream = [(Path("model.safetensors"), name) for name in state]
     got = {canonical: tuple(t.shape) for _, _, canonical, t in converted(stream, state.__getitem__, spec, adapter)}
     assert got == spec.expected_shapes()
+
+
+@pytest.mark.parametrize("content", ["[]", "{", '{"eos_token_id": "2"}', '{"eos_token_id": [1, 300]}',
+                                     '{"eos_token_id": true}'])
+def test_broken_generation_config(base, tmp_path, content):
+    """generate() reads its EOS ids there first: a broken file is refused at load, not at the first generate."""
+    path = _variant(base, "mixtral", tmp_path)
+    (path / "generation_config.json").write_text(content)
+    _rejects(path, ModelFormatError, "generation_config.json")
