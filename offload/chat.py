@@ -4,8 +4,8 @@ A chat template is code that comes with the model. transformers renders it in ji
 attribute tricks but not work: nested `range(100000)` loops, `'A' * 10**8` or `10 ** 10 ** 8` run for minutes or
 fill memory. We render with the same environment transformers builds (its filters, globals and extensions, so the
 text is identical) in a sandbox subclass that counts steps (calls, attribute and item lookups, range items,
-filter calls), refuses repetitions, powers and call arguments whose result would be huge, and stops when the
-output outgrows its limit. Any failure is one ModelFormatError naming the template and the fix.
+filter calls), refuses repetitions, powers, format widths and call arguments whose result would be huge, and
+stops when the output outgrows its limit. Any failure is one ModelFormatError naming the template and the fix.
 """
 from __future__ import annotations
 
