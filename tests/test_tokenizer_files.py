@@ -3,7 +3,6 @@ bound: one-line ModelFormatErrors naming the file and the fix; templates are rej
 work and output, while real templates render exactly as transformers renders them."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
