@@ -156,6 +156,10 @@ def test_layer_list_with_unknown_entry(base, tmp_path, arch, key, value):
      "partial_rotary_factor"),  # only MiMo's attention rotates part of a head
     ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0.5}}, "factor"),
     ("gpt_oss", {"sliding_window": None}, "sliding_window"),  # its sliding layers need one
+    ("gpt_oss", {"head_dim": None}, "head_dim"),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 32.0, "beta_fast": 2e-311,
+                                     "original_max_position_embeddings": 64}}, "rope_parameters"),
+    ("mimo_v2_flash", {"rope_scaling": None}, "rope_parameters"),  # transformers: rope_scaling replaces it
     ("mimo_v2_flash", {"hidden_act": "gelu"}, "hidden_act"),
     ("mixtral", {"num_local_experts": 4, "num_experts": 8}, "num_experts"),
     ("olmoe", {"rms_norm_eps": 0}, "rms_norm_eps"),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelFormatError
+from ..model.rope import inverse_frequencies
 from ..spec import AttentionSpec, RopeSpec
 
 ReadTensor = Callable[[str], torch.Tensor]
@@ -191,7 +192,7 @@ def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: 
     theta = value("rope_theta")
     if theta <= 1:
         raise bad(f"{where}.rope_theta", theta, "> 1")
-    return RopeSpec(
+    rope = RopeSpec(
         theta=theta, head_dim=head_dim, partial_factor=partial, kind=kind,
         factor=_at_least_one(value("factor"), f"{where}.factor") if yarn else 1.0,
         original_max_positions=integer(params, "original_max_position_embeddings", default=max_positions,
@@ -200,6 +201,14 @@ def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: 
         truncate=bool(params.get("truncate", True)), attention_factor=value("attention_factor", None, null=None),
         mscale=value("mscale", None, False, None), mscale_all_dim=value("mscale_all_dim", None, False, None),
     )
+    try:  # extreme YaRN betas or factors overflow
+        inv_freq, scaling = inverse_frequencies(rope)
+        finite = bool(torch.isfinite(inv_freq).all()) and math.isfinite(scaling)
+    except (ArithmeticError, ValueError):
+        finite = False
+    if not finite:
+        raise bad(where, params, "parameters that give finite rotary frequencies")
+    return rope
 
 
 def _at_least_one(value: float, key: str) -> float:

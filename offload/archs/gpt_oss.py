@@ -44,7 +44,7 @@ ignored = (ROTARY_CACHE,)
 
 def spec(config: dict) -> ModelSpec:
     fields = model_fields(config, DEFAULTS)
-    rope = rope_spec(rope_params(config, 150000.0, DEFAULT_ROPE), head_dim_of(config, 64),
+    rope = rope_spec(rope_params(config, 150000.0, DEFAULT_ROPE), head_dim_of(config, 64, nullable=False),
                      fields["max_position_embeddings"])
     n = layer_count(config)
     layer_types = kinds(config, "layer_types", n, ("sliding_attention", "full_attention"),

@@ -43,8 +43,8 @@ def spec(config: dict) -> ModelSpec:
     layer_types = kinds(config, "layer_types", n, ("sliding_attention", "full_attention"),
                         ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])
     mlp_types = kinds(config, "mlp_layer_types", n, ("dense", "sparse"), ["dense"] + ["sparse"] * (n - 1))
-    # transformers' setter for the older name rope_scaling replaces rope_parameters whenever it is set
-    rope = next((config[k] for k in ("rope_scaling", "rope_parameters") if config.get(k) is not None), DEFAULT_ROPE)
+    # transformers' setter for the older name rope_scaling replaces rope_parameters whenever it is set, null too
+    rope = config["rope_scaling"] if "rope_scaling" in config else config.get("rope_parameters") or DEFAULT_ROPE
     kv = integer(config, "num_key_value_heads")
     sliding = _window(config)
     head_dim = head_dim_of(config, 192, nullable=False)
