@@ -46,7 +46,7 @@ LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Per-layer rotary caches of older checkpoints: recomputed from config.json, and ignored by transformers too.
 ROTARY_CACHE = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
 # Far above any released model: larger counts are corrupt, and would have the loader enumerate billions of tensors.
-MAX_LAYERS, MAX_EXPERTS = 1024, 16384
+MAX_LAYERS, MAX_EXPERTS, MAX_HEAD_DIM = 1024, 16384, 65536
 
 
 def bad(key: str, value, rule: str) -> ModelFormatError:
@@ -173,6 +173,8 @@ def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: 
     original_max_position_embeddings defaults to max_position_embeddings, as in transformers. Partial rotary
     only where the architecture's attention implements it (`default_partial` given): others rotate whole heads."""
     where = f"rope_parameters[{label!r}]" if label else "rope_parameters"
+    if head_dim > MAX_HEAD_DIM:  # also bounds the rotary tables computed below
+        raise bad("head_dim (or hidden_size / num_attention_heads)", head_dim, f"at most {MAX_HEAD_DIM}")
     if not isinstance(params, dict):
         raise bad(where, params, "an object")
     kind = params.get("rope_type", params.get("type", "default"))  # `type`: the older name
@@ -201,13 +203,13 @@ def rope_spec(params: dict, head_dim: int, max_positions: int, default_partial: 
         truncate=bool(params.get("truncate", True)), attention_factor=value("attention_factor", None, null=None),
         mscale=value("mscale", None, False, None), mscale_all_dim=value("mscale_all_dim", None, False, None),
     )
-    try:  # extreme YaRN betas or factors overflow
+    try:  # extreme YaRN betas or factors overflow; YaRN needs an even rotary size, as in transformers
         inv_freq, scaling = inverse_frequencies(rope)
         finite = bool(torch.isfinite(inv_freq).all()) and math.isfinite(scaling)
-    except (ArithmeticError, ValueError):
+    except (ArithmeticError, ValueError, RuntimeError):
         finite = False
     if not finite:
-        raise bad(where, params, "parameters that give finite rotary frequencies")
+        raise bad(where, params, f"parameters that give finite rotary frequencies for head_dim={head_dim}")
     return rope
 
 

@@ -44,7 +44,10 @@ def spec(config: dict) -> ModelSpec:
                         ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])
     mlp_types = kinds(config, "mlp_layer_types", n, ("dense", "sparse"), ["dense"] + ["sparse"] * (n - 1))
     # transformers' setter for the older name rope_scaling replaces rope_parameters whenever it is set, null too
-    rope = config["rope_scaling"] if "rope_scaling" in config else config.get("rope_parameters") or DEFAULT_ROPE
+    if "rope_scaling" in config:
+        rope = config["rope_scaling"]
+    else:
+        rope = DEFAULT_ROPE if config.get("rope_parameters") is None else config["rope_parameters"]
     kv = integer(config, "num_key_value_heads")
     sliding = _window(config)
     head_dim = head_dim_of(config, 192, nullable=False)
