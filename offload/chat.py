@@ -73,9 +73,13 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
         _current().step()
         _check_args(args, kwargs)
-        if getattr(__obj, "__name__", None) in ("format", "format_map"):
-            _check_format(getattr(__obj, "__self__", None))
         return _sized(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        """jinja wraps `str.format` at attribute access, and the wrapper no longer knows its string: check it here."""
+        if getattr(value, "__name__", None) in ("format", "format_map"):
+            _check_format(getattr(value, "__self__", None))
+        return super().wrap_str_format(value)
 
     def getattr(self, obj, attribute):
         _current().step()
