@@ -7,6 +7,7 @@ read from the context), because an untrained random model's top-2 logits are nea
 ~0.2 std, measured) and any perturbation flips them; trained models have margins like real ones."""
 import pytest
 import torch
+from offload.kernels import native
 from offload.quant import QuantizedTensor
 
 import offload
@@ -46,7 +47,8 @@ def quant_model(request, tmp_path_factory):
     return arch, path
 
 
-def test_a4e4_top1_agrees_with_fp32(quant_model):
+@pytest.mark.parametrize("isa", [*native.cpu_isas(), "portable"])  # every kernel path this CPU runs
+def test_a4e4_top1_agrees_with_fp32(quant_model, isa, monkeypatch):
     """Counted where the fp32 model's top-1 has probability >= 0.5. Elsewhere its top two are close to a tie
     (a progression's first tokens, before its step can be read) and which wins flips under any perturbation:
     over 4 sequences (160 positions, 0.6 points each) qwen3_moe's agreement was 0.944 on one CPU and >= 0.95 on
@@ -54,6 +56,8 @@ def test_a4e4_top1_agrees_with_fp32(quant_model):
     these 640 positions (one CPU, every arch): 0.985-0.995 where the fp32 model is confident (91-96% of the
     positions), 0.959-0.980 over all; a zero point off by half a step (a broken quantizer) gives 0.73-0.85."""
     arch, path = quant_model
+    monkeypatch.delenv("MOE_OFFLOAD_NATIVE", raising=False)
+    monkeypatch.setenv("MOE_OFFLOAD_ISA", isa)
     ids = progressions(16, seed=10_000)  # held out: seeds below 200 trained
     full = offload.load(path).forward(ids)
     q4 = offload.load(path, quant="a4e4").forward(ids)
@@ -62,7 +66,7 @@ def test_a4e4_top1_agrees_with_fp32(quant_model):
     same = full.argmax(-1) == q4.argmax(-1)
     agree = same[confident].float().mean().item()
     overall = same.float().mean().item()
-    assert agree >= 0.95, f"{arch}: top-1 agreement {agree:.3f} where fp32 is confident ({overall:.3f} over all)"
+    assert agree >= 0.95, f"{arch} ({isa}): top-1 agreement {agree:.3f} where fp32 is confident ({overall:.3f} over all)"
     assert not torch.equal(full, q4)  # the weights really were quantized
 
 
