@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny import save_tiny
+from one_line import raises_one_line
 
 import offload
 from offload.model import kv_cache
@@ -33,14 +34,7 @@ def model(tiny_dir):
 
 
 def _one_line_value_error(call, *parts: str) -> str:
-    with pytest.raises(Exception) as info:
-        call()
-    assert type(info.value) is ValueError, f"{type(info.value).__name__}: {info.value}"
-    message = str(info.value)
-    assert message and "\n" not in message, f"message must be one line: {message!r}"
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
-    return message
+    return raises_one_line(call, ValueError, *parts)
 
 
 # --- C: memory proportional to what is generated; the context limit ---------------------------------------------

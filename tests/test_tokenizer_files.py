@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hf_tiny import save_tiny
 from tiny_tokenizer import CORPUS, VOCAB_SIZE, save_tokenizer
+from one_line import raises_one_line
 
 import offload
 from offload import ModelFormatError
@@ -33,14 +34,7 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def _fails(call, *parts: str) -> str:
-    with pytest.raises(Exception) as info:
-        call()
-    assert type(info.value) is ModelFormatError, f"{type(info.value).__name__}: {info.value}"
-    message = str(info.value)
-    assert message and "\n" not in message, f"message must be one line: {message!r}"
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
-    return message
+    return raises_one_line(call, ModelFormatError, *parts)
 
 
 @pytest.mark.parametrize("file,content", [
