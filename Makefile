@@ -51,7 +51,7 @@ test-latest:
 # kills the run with SIGILL; child Pythons run on the same emulated CPU (tests/emulation.py).
 EMULATED := Haswell:AVX2 SandyBridge:DEFAULT
 CPU_TESTS := tests/test_kernels_native.py tests/test_kernels.py tests/test_quant.py tests/test_mxfp4.py \
-	tests/test_demo.py "tests/test_quantized_model.py::test_offloaded_quantized_equals_resident_quantized[olmoe-a4e2]"
+	tests/test_demo_runtime.py "tests/test_quantized_model.py::test_offloaded_quantized_equals_resident_quantized[olmoe-a4e2]"
 test-cpus: $(STAMP)
 	@command -v qemu-x86_64 >/dev/null || { echo "make test-cpus: qemu-x86_64 not found; install it \
 	(Debian/Ubuntu: apt-get install qemu-user)" >&2; exit 1; }
