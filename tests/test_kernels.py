@@ -5,6 +5,7 @@ from offload.kernels import expert_mlp, gpt_oss_glu, prepare, qmatmul, swiglu
 from offload.kernels import native
 from offload.kernels.cpu import Int4PackWeight, TileWeight
 from offload.quant import from_mxfp4, quantize
+from offload.quant.imports import bitsandbytes_runs_here
 
 torch.manual_seed(0)
 W = torch.randn(96, 256)
@@ -12,7 +13,7 @@ MX = from_mxfp4(torch.randint(0, 256, (96, 8, 16), dtype=torch.uint8), torch.ran
 FORMATS = {
     **{f"hqq{b}-g{g}": quantize(W, b, g) for b in (2, 3, 4) for g in (32, 64, 128)},
     "hqq4-g16": quantize(W, 4, 16), "hqq2-axis0": quantize(W, 2, 32, axis=0),
-    "nf4": quantize(W, 4, 64, fmt="nf4"), "mxfp4": MX,
+    "mxfp4": MX, **({"nf4": quantize(W, 4, 64, fmt="nf4")} if bitsandbytes_runs_here() else {}),
 }
 
 
