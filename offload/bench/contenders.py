@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 Generate = Callable[[list[int], int], list[int]]
+Loaded = tuple[Generate, Callable[[], dict]]  # generate, and what the contender says about its run
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ CONTENDERS = {c.name: c for c in [
 ]}
 
 
-def _load_ours(c: Contender, path: Path, s: dict) -> Generate:
+def _load_ours(c: Contender, path: Path, s: dict) -> Loaded:
     import offload
     import torch
 
@@ -55,7 +56,11 @@ def _load_ours(c: Contender, path: Path, s: dict) -> Generate:
 
     def generate(ids: list[int], n: int) -> list[int]:
         return model.generate(torch.tensor([ids]), max_new_tokens=n)[0, len(ids):].tolist()
-    return generate
+
+    def stats() -> dict:
+        engine = model.stats() if c.offloaded else {}
+        return {k: engine[k] for k in ("hit_rate", "prediction_recall") if k in engine}
+    return generate, stats
 
 
 def _hf_generate(model) -> Generate:
@@ -68,11 +73,11 @@ def _hf_generate(model) -> Generate:
     return generate
 
 
-def _load_transformers(c: Contender, path: Path, s: dict) -> Generate:
+def _load_transformers(c: Contender, path: Path, s: dict) -> Loaded:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return _hf_generate(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval())
+    return _hf_generate(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()), dict
 
 
 def accelerate_device_map(model, offloaded: set[str]) -> dict[str, str]:
@@ -90,7 +95,7 @@ def accelerate_device_map(model, offloaded: set[str]) -> dict[str, str]:
     return device_map
 
 
-def _load_accelerate(c: Contender, path: Path, s: dict) -> Generate:
+def _load_accelerate(c: Contender, path: Path, s: dict) -> Loaded:
     """transformers + accelerate "naive offloading" on a CPU-only machine, at our offloaded contenders' budget:
     accelerate offloads whole modules and a layer's experts are one module (the fused `mlp.experts`), so the
     experts of the first cache_experts/num_experts of the layers stay in RAM and the others go to "disk" (its
@@ -106,10 +111,10 @@ def _load_accelerate(c: Contender, path: Path, s: dict) -> Generate:
     folder = tempfile.mkdtemp(prefix="moe-bench-accelerate-")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, offload_folder=folder,
                                                  device_map=accelerate_device_map(skeleton, offloaded)).eval()
-    return _hf_generate(model)
+    return _hf_generate(model), dict
 
 
-def _load_llama_cpp(c: Contender, path: Path, s: dict) -> Generate:
+def _load_llama_cpp(c: Contender, path: Path, s: dict) -> Loaded:
     import llama_cpp
     import numpy as np
 
@@ -125,7 +130,7 @@ def _load_llama_cpp(c: Contender, path: Path, s: dict) -> Generate:
             step = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
             out += step
         return out
-    return generate
+    return generate, dict
 
 
 LOADERS = {"ours": _load_ours, "transformers": _load_transformers, "accelerate": _load_accelerate,
@@ -145,7 +150,7 @@ def measure(c: Contender, path: Path, s: dict) -> dict:
     torch.set_num_threads(s["threads"])
     prompt = s["prompt"]
     t0 = time.perf_counter()
-    generate = LOADERS[c.kind](c, path, s)
+    generate, stats = LOADERS[c.kind](c, path, s)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss()
     generate(prompt, 2)
@@ -162,7 +167,8 @@ def measure(c: Contender, path: Path, s: dict) -> dict:
     rss_end = _rss()  # the kernel updates ru_maxrss lazily: it can lag the current RSS by a few pages
     return {"load_s": load_s, "rss_loaded": rss_loaded, "rss_end": rss_end,
             "peak_rss": max(rss_end, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-            "samples": samples, "tokens": tokens[:8], "first_token_agrees": first == tokens[:1]}
+            "samples": samples, "tokens": tokens[:8], "first_token_agrees": first == tokens[:1],
+            "stats": stats()}
 
 
 def main() -> None:

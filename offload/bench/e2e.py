@@ -145,7 +145,9 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
     live = [n for n in names if n not in skipped]
     raw: dict[str, list[dict]] = {n: [] for n in live}
     errors: dict[str, list[str]] = {n: [] for n in live}
-    bandwidth = []
+    bandwidth: list[float] = []
+    head = {"checkpoint": str(path), "threads": threads, "prompt_tokens": prompt_tokens, "tokens": tokens,
+            "rounds": rounds, "reps": reps, "cache_experts": common["cache_experts"]}
     for r in range(rounds):
         bandwidth.append(float(_subprocess(["offload.bench.bandwidth", str(threads)], threads)) * 1e9)
         for name in live[r % len(live):] + live[:r % len(live)]:  # rotated: no contender always runs first
@@ -156,30 +158,34 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
                                                          json.dumps(settings)], threads, settings.get("pythonpath"))))
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
                 errors[name].append(str(e))
+        results = head | {"rounds_done": r + 1} | _summarize(config, raw, errors, extra, skipped, bandwidth)
+        if json_out:  # after every round: a long run that is stopped keeps what it measured
+            Path(json_out).write_text(json.dumps(results, indent=2))
+    _print(results)
+    return results
+
+
+def _summarize(config: dict, raw: dict[str, list[dict]], errors: dict[str, list[str]], extra: dict[str, dict],
+               skipped: dict[str, str], bandwidth: list[float]) -> dict:
+    """Medians and ranges over every sample of every round, and each contender's fraction of the roofline."""
     bw = statistics.median(bandwidth)
-    results = {"checkpoint": str(path), "threads": threads, "prompt_tokens": prompt_tokens, "tokens": tokens,
-               "rounds": rounds, "reps": reps, "cache_experts": common["cache_experts"],
-               "read_bandwidth": _summary(bandwidth), "contenders": {}, "skipped": skipped}
-    for name in live:
-        runs = raw[name]
+    contenders, skipped = {}, dict(skipped)
+    for name, runs in raw.items():
         if not runs:
             skipped[name] = "every run failed: " + "; ".join(errors[name][:1])
             continue
         c = CONTENDERS[name]
-        active = extra.get(name, {}).get("active_bytes") or active_bytes(config, "bf16" if c.kind != "ours"
-                                                                         else c.quant)
+        active = extra.get(name, {}).get("active_bytes") or active_bytes(config, c.quant if c.kind == "ours"
+                                                                         else "bf16")
         samples = [s for run_ in runs for s in run_["samples"]]
         decode = _summary([s["decode_tok_s"] for s in samples])
-        results["contenders"][name] = {
+        contenders[name] = {
             "decode_tok_s": decode, "prefill_tok_s": _summary([s["prefill_tok_s"] for s in samples]),
             "ttft_s": _summary([s["ttft_s"] for s in samples]), "load_s": _summary([x["load_s"] for x in runs]),
             "peak_rss": max(x["peak_rss"] for x in runs), "rss_end": statistics.median(x["rss_end"] for x in runs),
             "active_bytes_per_token": active, "roofline_fraction": decode["median"] * active / bw,
-            "runs": len(runs), "failed_runs": errors[name], "tokens": runs[0]["tokens"]}
-    _print(results)
-    if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
-    return results
+            "runs": len(runs), "failed_runs": errors[name], "tokens": runs[0]["tokens"], "stats": runs[-1]["stats"]}
+    return {"read_bandwidth": _summary(bandwidth), "contenders": contenders, "skipped": skipped}
 
 
 def _print(results: dict) -> None:
