@@ -146,9 +146,11 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
     raw: dict[str, list[dict]] = {n: [] for n in live}
     errors: dict[str, list[str]] = {n: [] for n in live}
     bandwidth: list[float] = []
+    load: list[float] = []
     head = {"checkpoint": str(path), "threads": threads, "prompt_tokens": prompt_tokens, "tokens": tokens,
             "rounds": rounds, "reps": reps, "cache_experts": common["cache_experts"]}
     for r in range(rounds):
+        load.append(os.getloadavg()[0])
         bandwidth.append(float(_subprocess(["offload.bench.bandwidth", str(threads)], threads)) * 1e9)
         for name in live[r % len(live):] + live[:r % len(live)]:  # rotated: no contender always runs first
             settings = common | extra.get(name, {})
@@ -158,7 +160,9 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
                                                          json.dumps(settings)], threads, settings.get("pythonpath"))))
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
                 errors[name].append(str(e))
-        results = head | {"rounds_done": r + 1} | _summarize(config, raw, errors, extra, skipped, bandwidth)
+        load.append(os.getloadavg()[0])
+        results = head | {"rounds_done": r + 1, "load_average_1min": load} | _summarize(
+            config, raw, errors, extra, skipped, bandwidth)
         if json_out:  # after every round: a long run that is stopped keeps what it measured
             Path(json_out).write_text(json.dumps(results, indent=2))
     _print(results)
@@ -199,7 +203,8 @@ def _print(results: dict) -> None:
     table = Table(title=f"offload-bench e2e: {Path(results['checkpoint']).name}, {results['prompt_tokens']}-token "
                         f"prompt, {results['tokens']} greedy tokens, {results['threads']} threads, "
                         f"{results['rounds']} rounds x {results['reps']} reps; read bandwidth "
-                        f"{span({k: v / 1e9 for k, v in bw.items()})} GB/s")
+                        f"{span({k: v / 1e9 for k, v in bw.items()})} GB/s; 1-min load average "
+                        f"{min(results['load_average_1min']):.1f}-{max(results['load_average_1min']):.1f}")
     for col in ("contender", "decode tok/s", "prefill tok/s", "TTFT s", "load s", "peak RSS GB", "MB/token",
                 "roofline"):
         table.add_column(col)

@@ -3,7 +3,8 @@ or `llama_cpp.llama_model_quantize` on a GGUF.
 
 The bench checkpoint has random weights and no tokenizer, and the benchmark feeds token ids, so the converter's
 vocabulary step is replaced by a placeholder SentencePiece-style vocabulary of the config's size (<unk>, <s>,
-</s>, the 256 byte tokens, then "t<i>"); every weight goes through the converter untouched.
+</s>, the 256 byte tokens, then "t<i>"), and a config without "architectures" gets transformers' causal-LM
+class for its model_type; every weight goes through the converter untouched.
 
     python -m offload.bench.llama_cpp_convert SRC CHECKPOINT OUT.gguf
     python -m offload.bench.llama_cpp_convert --quantize FTYPE IN.gguf OUT.gguf
@@ -38,6 +39,7 @@ def placeholder_vocab(model) -> None:
 def convert(src: Path, checkpoint: Path, out: Path) -> None:
     sys.path[:0] = [str(src), str(src / "gguf-py")]
     import convert_hf_to_gguf
+    from conversion.base import ModelBase
 
     found = convert_hf_to_gguf.get_model_class
 
@@ -47,6 +49,18 @@ def convert(src: Path, checkpoint: Path, out: Path) -> None:
         return cls
 
     convert_hf_to_gguf.get_model_class = with_placeholder_vocab
+    read = ModelBase.load_hparams
+
+    def with_architecture(dir_model: Path, is_mistral_format: bool) -> dict:
+        """A config saved from AutoConfig.for_model names no architecture; transformers' causal-LM class is it."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        hparams = read(dir_model, is_mistral_format)
+        if not hparams.get("architectures"):
+            hparams["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hparams["model_type"]]]
+        return hparams
+
+    ModelBase.load_hparams = staticmethod(with_architecture)
     sys.argv = ["convert_hf_to_gguf.py", "--outtype", "bf16", "--outfile", str(out), str(checkpoint)]
     convert_hf_to_gguf.main()
 
