@@ -192,27 +192,41 @@ def _summarize(config: dict, raw: dict[str, list[dict]], errors: dict[str, list[
     return {"read_bandwidth": _summary(bandwidth), "contenders": contenders, "skipped": skipped}
 
 
-def _print(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+COLUMNS = ("contender", "decode tok/s", "prefill tok/s", "TTFT s", "load s", "peak RSS GB", "MB/token", "roofline")
 
+
+def _rows(results: dict) -> list[list[str]]:
     def span(s: dict, fmt: str = ".1f") -> str:
         return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
-    bw = results["read_bandwidth"]
+    return [[name, span(r["decode_tok_s"]), span(r["prefill_tok_s"]), span(r["ttft_s"], ".2f"), span(r["load_s"]),
+             f"{r['peak_rss'] / 1e9:.2f}", f"{r['active_bytes_per_token'] / 1e6:.0f}", f"{r['roofline_fraction']:.0%}"]
+            for name, r in results["contenders"].items()]
+
+
+def markdown(results: dict) -> str:
+    """The table as BENCHMARKS.md keeps it."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in _rows(results)])
+
+
+def _print(results: dict) -> None:
+    """A rich table, the same as markdown, and why any contender was skipped."""
+    from rich.console import Console
+    from rich.table import Table
+
+    bw = [v / 1e9 for v in (results["read_bandwidth"]["min"], results["read_bandwidth"]["max"])]
+    load = results["load_average_1min"]
     table = Table(title=f"offload-bench e2e: {Path(results['checkpoint']).name}, {results['prompt_tokens']}-token "
                         f"prompt, {results['tokens']} greedy tokens, {results['threads']} threads, "
-                        f"{results['rounds']} rounds x {results['reps']} reps; read bandwidth "
-                        f"{span({k: v / 1e9 for k, v in bw.items()})} GB/s; 1-min load average "
-                        f"{min(results['load_average_1min']):.1f}-{max(results['load_average_1min']):.1f}")
-    for col in ("contender", "decode tok/s", "prefill tok/s", "TTFT s", "load s", "peak RSS GB", "MB/token",
-                "roofline"):
+                        f"{results['rounds_done']} rounds x {results['reps']} reps; median (min-max); read "
+                        f"bandwidth {bw[0]:.1f}-{bw[1]:.1f} GB/s; 1-min load average {min(load):.1f}-{max(load):.1f}")
+    for col in COLUMNS:
         table.add_column(col)
-    for name, r in results["contenders"].items():
-        table.add_row(name, span(r["decode_tok_s"]), span(r["prefill_tok_s"]), span(r["ttft_s"], ".2f"),
-                      span(r["load_s"]), f"{r['peak_rss'] / 1e9:.2f}", f"{r['active_bytes_per_token'] / 1e6:.0f}",
-                      f"{r['roofline_fraction']:.0%}")
+    for row in _rows(results):
+        table.add_row(*row)
     console = Console(width=200)
     console.print(table)
     for name, reason in results["skipped"].items():
         console.print(f"skipped {name}: {reason}")
+    console.print(markdown(results), markup=False, highlight=False)
