@@ -8,8 +8,10 @@ warm-up, then per repetition one generation of n tokens, each token stamped as i
 """
 from __future__ import annotations
 
+import atexit
 import json
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -134,6 +136,7 @@ def _load_accelerate(c: Contender, path: Path, s: dict) -> Loaded:
         skeleton = AutoModelForCausalLM.from_config(config)
     offloaded = {f"model.layers.{i}.mlp.experts" for i in range(cached, config.num_hidden_layers)}
     folder = tempfile.mkdtemp(prefix="moe-bench-accelerate-")
+    atexit.register(shutil.rmtree, folder, True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, offload_folder=folder,
                                                  device_map=accelerate_device_map(skeleton, offloaded)).eval()
     return _hf_generate(model), dict
