@@ -38,20 +38,26 @@ def gpu_kernels(quick: bool = typer.Option(False, help="Smaller, faster run (not
 
 @app.command()
 def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a generated OLMoE-shaped one)."),
-        tokens: int = typer.Option(32, min=2), runs: int = typer.Option(5, min=1),
-        cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0),
-        transformers: bool = typer.Option(True, help="Also time transformers on the same checkpoint."),
-        threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
-        device: str = typer.Option("cpu", help="cpu, or cuda to measure on a GPU."),
+        contenders: str = typer.Option("", help="Comma-separated subset (default: all): ours-resident-bf16, "
+                                                "ours-resident-a4e4, ours-resident-a4e2, ours-offloaded-bf16, "
+                                                "ours-offloaded-a4e2, transformers, transformers-accelerate, "
+                                                "llama.cpp-bf16, llama.cpp-q4_0."),
+        rounds: int = typer.Option(3, min=1, help="Interleaved rounds, one process per contender each."),
+        reps: int = typer.Option(2, min=1, help="Timed repetitions per process."),
+        tokens: int = typer.Option(64, min=2, help="Greedy tokens per timed generation."),
+        prompt_tokens: int = typer.Option(32, min=1),
+        threads: int = typer.Option(2, min=1, help="Threads of every contender."),
+        cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0, help="Experts kept by offloaded contenders."),
         json_out: Path | None = typer.Option(None, "--json")) -> None:
-    """Decode tok/s: resident vs offloaded (cache_fraction of the experts) vs transformers."""
-    import torch
-
+    """Decode and prefill tok/s, time to first token, load time, peak RSS and roofline fraction of every contender
+    (ours, transformers, transformers + accelerate offload, llama.cpp: built on demand into a cache) on the CPU."""
     from offload.bench.e2e import run
 
-    if threads:
-        torch.set_num_threads(threads)
-    run(model, tokens, runs, cache_fraction, transformers, json_out, device)
+    names = [n.strip() for n in contenders.split(",") if n.strip()] or None
+    try:
+        run(model, names, rounds, reps, tokens, prompt_tokens, threads, cache_fraction, json_out)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()

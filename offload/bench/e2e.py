@@ -1,18 +1,24 @@
-"""End-to-end decode speed on the CPU (or a GPU: device="cuda"): fully resident vs offloaded (a quarter of the
-experts cached, next-layer
-prefetch) vs transformers, on one OLMoE-shaped checkpoint, in one process, medians of several runs.
+"""`offload-bench e2e`: the contenders on one checkpoint, same prompt, greedy, batch 1, same threads, each in its own
+process, interleaved over rounds: ours (resident and offloaded, bf16 and 4/2-bit), transformers, transformers +
+accelerate offloading at the same memory budget, llama.cpp BF16 and Q4_0 (offload.bench.contenders).
 
-The checkpoint (random weights, real layout: 1.74B params, 64 experts top-8, hidden 1024, 16 layers, expert
-width 512, 302M active) is written once to a cache directory; it is far larger than the CPU cache.
+The default checkpoint (random weights, real layout: 1.74B params, 64 experts top-8, hidden 1024, 16 layers,
+expert width 512, 302M active) is written once to a cache directory; it is far larger than the CPU cache. Each
+contender's decode rate is also given as a fraction of the memory-bandwidth roofline: the bytes it reads per
+token divided by the streaming-read bandwidth measured in the same run.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+from offload.bench.contenders import CONTENDERS
 
 OLMOE_1B = dict(model_type="olmoe", vocab_size=32000, hidden_size=1024, intermediate_size=512, num_hidden_layers=16,
                 num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
@@ -69,71 +75,158 @@ def make_checkpoint(path: Path, config: dict = OLMOE_1B, shard_bytes: int = 1 <<
     return path
 
 
-def _decode_tok_s(generate, prompt: torch.Tensor, tokens: int, runs: int) -> float:
-    """Decode tokens/s excluding the prefill: (tokens-1) / (t(tokens) - t(1)), median over runs."""
-    rates = []
-    generate(prompt, 2)
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        generate(prompt, 1)
-        t1 = time.perf_counter()
-        generate(prompt, tokens)
-        t2 = time.perf_counter()
-        rates.append((tokens - 1) / max(1e-9, (t2 - t1) - (t1 - t0)))
-    return statistics.median(rates)
+def active_bytes(config: dict, quant: str) -> int:
+    """Weight bytes one decoded token reads in our layout: attention, router, top-k experts (at the preset's
+    stored size), norms, the LM head and one embedding row."""
+    from offload.quant import get_preset
+
+    preset = get_preset("none" if quant == "bf16" else quant)
+    h, inter, e = config["hidden_size"], config["intermediate_size"], config["num_experts"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or h // heads
+    attention = sum(preset.spec("attention").nbytes(s) for s in [(heads * hd, h), (kv * hd, h), (kv * hd, h),
+                                                                   (h, heads * hd)])
+    experts = config["num_experts_per_tok"] * (2 * preset.spec("expert").nbytes((inter, h))
+                                               + preset.spec("expert").nbytes((h, inter)))
+    norms = 2 * (2 * h + heads * hd + kv * hd)
+    layer = attention + 2 * e * h + experts + norms
+    return config["num_hidden_layers"] * layer + 2 * (config["vocab_size"] * h + 2 * h)
 
 
-def run(path: Path | None = None, tokens: int = 32, runs: int = 5, cache_fraction: float = 0.25,
-        with_transformers: bool = True, json_out: Path | None = None, device: str = "cpu") -> dict:
-    import offload
+def _subprocess(args: list[str], threads: int, pythonpath: str | None = None, timeout: float = 3600) -> str:
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"exit {done.returncode}: {tail}")
+    return done.stdout.strip().splitlines()[-1]
 
+
+def _prepare_llama_cpp(names: list[str], path: Path, settings: dict, skipped: dict[str, str]) -> None:
+    """Build llama-cpp-python and convert the checkpoint once (cached); a contender that cannot be had is skipped
+    with the reason."""
+    from offload.bench import llama_cpp
+
+    for name in names:
+        c = CONTENDERS[name]
+        if not c.needs_build:
+            continue
+        try:
+            gguf = llama_cpp.ensure_gguf(path, c.quant)
+            active, _ = llama_cpp.gguf_active_bytes(gguf)
+            settings[name] = {"gguf": str(gguf), "active_bytes": active,
+                              "pythonpath": str(llama_cpp.site_dir())}
+        except (llama_cpp.Unavailable, OSError, subprocess.TimeoutExpired) as e:
+            skipped[name] = str(e)
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run(path: Path | None = None, contenders: list[str] | None = None, rounds: int = 3, reps: int = 2,
+        tokens: int = 64, prompt_tokens: int = 32, threads: int = 2, cache_fraction: float = 0.25,
+        json_out: Path | None = None) -> dict:
+    names = contenders or list(CONTENDERS)
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
     path = make_checkpoint(path or DEFAULT_DIR)
-    prompt = torch.randint(1, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    results: dict[str, dict] = {}
-    setups = [("resident", {}), ("offloaded-cpu-miss", {"miss_policy": "auto"}),
-              ("offloaded-load-miss", {"miss_policy": "load"})]
-    k = 0
-    for label, kw in setups:
-        if kw:
-            kw |= {"cache_experts": k, "prefetch": 1}
-        model = offload.load(path, device=device, **kw)
-        k = k or max(1, round(cache_fraction * model.spec.router.num_experts))
-        results[label] = {"tok_s": _decode_tok_s(lambda p, n, m=model: m.generate(p, max_new_tokens=n), prompt,
-                                                 tokens, runs)}
-        if kw:
-            stats = model.stats()
-            results[label] |= {"cache_experts": k, "hit_rate": stats["hit_rate"],
-                               "prediction_recall": stats["prediction_recall"]}
-        del model
-    if with_transformers:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-
-        def hf_generate(p, n):
-            with torch.inference_mode():
-                return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-        results["transformers"] = {"tok_s": _decode_tok_s(hf_generate, prompt, tokens, runs)}
-    base = results["resident"]["tok_s"]
-    for r in results.values():
-        r["vs_resident"] = r["tok_s"] / base
-    where = f"CPU, {torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name(device)
-    _print(results, where)
-    if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
+    config = json.loads((path / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    common = {"prompt": torch.randint(3, config["vocab_size"], (prompt_tokens,), generator=g).tolist(),
+              "tokens": tokens, "prompt_tokens": prompt_tokens, "threads": threads, "reps": reps,
+              "cache_experts": max(1, round(cache_fraction * config["num_experts"]))}
+    skipped: dict[str, str] = {}
+    extra: dict[str, dict] = {}
+    _prepare_llama_cpp(names, path, extra, skipped)
+    live = [n for n in names if n not in skipped]
+    raw: dict[str, list[dict]] = {n: [] for n in live}
+    errors: dict[str, list[str]] = {n: [] for n in live}
+    bandwidth: list[float] = []
+    load: list[float] = []
+    head = {"checkpoint": str(path), "threads": threads, "prompt_tokens": prompt_tokens, "tokens": tokens,
+            "rounds": rounds, "reps": reps, "cache_experts": common["cache_experts"]}
+    for r in range(rounds):
+        load.append(os.getloadavg()[0])
+        bandwidth.append(float(_subprocess(["offload.bench.bandwidth", str(threads)], threads)) * 1e9)
+        for name in live[r % len(live):] + live[:r % len(live)]:  # rotated: no contender always runs first
+            settings = common | extra.get(name, {})
+            print(f"round {r + 1}/{rounds}: {name}", file=sys.stderr)
+            try:
+                raw[name].append(json.loads(_subprocess(["offload.bench.contenders", name, str(path),
+                                                         json.dumps(settings)], threads, settings.get("pythonpath"))))
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+                errors[name].append(str(e))
+        load.append(os.getloadavg()[0])
+        results = head | {"rounds_done": r + 1, "load_average_1min": load} | _summarize(
+            config, raw, errors, extra, skipped, bandwidth)
+        if json_out:  # after every round: a long run that is stopped keeps what it measured
+            Path(json_out).write_text(json.dumps(results, indent=2))
+    _print(results)
     return results
 
 
-def _print(results: dict, where: str) -> None:
+def _summarize(config: dict, raw: dict[str, list[dict]], errors: dict[str, list[str]], extra: dict[str, dict],
+               skipped: dict[str, str], bandwidth: list[float]) -> dict:
+    """Medians and ranges over every sample of every round, and each contender's fraction of the roofline."""
+    bw = statistics.median(bandwidth)
+    contenders, skipped = {}, dict(skipped)
+    for name, runs in raw.items():
+        if not runs:
+            skipped[name] = "every run failed: " + "; ".join(errors[name][:1])
+            continue
+        c = CONTENDERS[name]
+        active = extra.get(name, {}).get("active_bytes") or active_bytes(config, c.quant if c.kind == "ours"
+                                                                         else "bf16")
+        samples = [s for run_ in runs for s in run_["samples"]]
+        decode = _summary([s["decode_tok_s"] for s in samples])
+        contenders[name] = {
+            "decode_tok_s": decode, "prefill_tok_s": _summary([s["prefill_tok_s"] for s in samples]),
+            "ttft_s": _summary([s["ttft_s"] for s in samples]), "load_s": _summary([x["load_s"] for x in runs]),
+            "peak_rss": max(x["peak_rss"] for x in runs), "rss_end": statistics.median(x["rss_end"] for x in runs),
+            "active_bytes_per_token": active, "roofline_fraction": decode["median"] * active / bw,
+            "runs": len(runs), "failed_runs": errors[name], "tokens": runs[0]["tokens"], "stats": runs[-1]["stats"]}
+    return {"read_bandwidth": _summary(bandwidth), "contenders": contenders, "skipped": skipped}
+
+
+COLUMNS = ("contender", "decode tok/s", "prefill tok/s", "TTFT s", "load s", "peak RSS GB", "MB/token", "roofline")
+
+
+def _rows(results: dict) -> list[list[str]]:
+    def span(s: dict, fmt: str = ".1f") -> str:
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+    return [[name, span(r["decode_tok_s"]), span(r["prefill_tok_s"]), span(r["ttft_s"], ".2f"), span(r["load_s"]),
+             f"{r['peak_rss'] / 1e9:.2f}", f"{r['active_bytes_per_token'] / 1e6:.0f}", f"{r['roofline_fraction']:.0%}"]
+            for name, r in results["contenders"].items()]
+
+
+def markdown(results: dict) -> str:
+    """The table as BENCHMARKS.md keeps it."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in _rows(results)])
+
+
+def _print(results: dict) -> None:
+    """A rich table, the same as markdown, and why any contender was skipped."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"decode tok/s, OLMoE-shaped 1.74B bf16, {where}")
-    for col in ("setup", "tok/s", "vs resident", "hit rate", "prediction recall"):
+    bw = [v / 1e9 for v in (results["read_bandwidth"]["min"], results["read_bandwidth"]["max"])]
+    load = results["load_average_1min"]
+    table = Table(title=f"offload-bench e2e: {Path(results['checkpoint']).name}, {results['prompt_tokens']}-token "
+                        f"prompt, {results['tokens']} greedy tokens, {results['threads']} threads, "
+                        f"{results['rounds_done']} rounds x {results['reps']} reps; median (min-max); read "
+                        f"bandwidth {bw[0]:.1f}-{bw[1]:.1f} GB/s; 1-min load average {min(load):.1f}-{max(load):.1f}")
+    for col in COLUMNS:
         table.add_column(col)
-    for name, r in results.items():
-        table.add_row(name, f"{r['tok_s']:.2f}", f"{r['vs_resident']:.2f}x",
-                      f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-",
-                      f"{r['prediction_recall']:.2f}" if "prediction_recall" in r else "-")
-    Console().print(table)
+    for row in _rows(results):
+        table.add_row(*row)
+    console = Console(width=200)
+    console.print(table)
+    for name, reason in results["skipped"].items():
+        console.print(f"skipped {name}: {reason}")
+    console.print(markdown(results), markup=False, highlight=False)
