@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import ExpertSpec, ModelSpec
-from .attention import attention
+from .attention import Step, attention, fuse_qkv
 from .hooks import DecoderHook
 from .kv_cache import KVCache
 from .moe import ExpertProvider, expert_mlp, moe, route
@@ -31,10 +31,11 @@ class Decoder:
         self.embed = weights["embed"]
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
-        self.layers = [{part: _group(weights, f"layers.{i}.{part}.") for part in ("attn", "mlp", "router")}
+        self.layers = [{"attn": fuse_qkv(_group(weights, f"layers.{i}.attn."), layer.attention)}
+                       | {part: _group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router")}
                        | {"input_norm": weights[f"layers.{i}.input_norm"],
                           "post_attn_norm": weights[f"layers.{i}.post_attn_norm"]}
-                       for i in range(len(spec.layers))]
+                       for i, layer in enumerate(spec.layers)]
         self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers}
         self.threads = threads_for(weights.values(), device)
 
@@ -48,15 +49,15 @@ class Decoder:
         """Run T new tokens per row through every layer, extending `cache`; returns the final-norm states."""
         spec, hooks = self.spec, self.hooks
         T = input_ids.shape[1]
-        q_index = torch.arange(cache.length, cache.length + T, device=self.device)
-        cos_sin = {rope: table.cos_sin(positions, self.dtype) for rope, table in self.rotary.items()}
+        step = Step(cache.length, torch.arange(cache.length, cache.length + T, device=self.device), valid,
+                    {rope: table.cos_sin(positions, self.dtype) for rope, table in self.rotary.items()})
         h = F.embedding(input_ids, self.embed)
         for hook in hooks:
             hook.start(T)
         for i, (layer, w) in enumerate(zip(spec.layers, self.layers)):
             a = layer.attention
-            h = h + attention(rms_norm(h, w["input_norm"], spec.rms_norm_eps), w["attn"], a, spec.rms_norm_eps,
-                              cos_sin[a.rope], cache.layers[i], q_index, valid)
+            h = h + attention(rms_norm(h, w["input_norm"], spec.rms_norm_eps), w["attn"], a, spec.rms_norm_eps, step,
+                              cache.layers[i])
             x = rms_norm(h, w["post_attn_norm"], spec.rms_norm_eps)
             if layer.mlp == "dense":
                 h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
