@@ -39,6 +39,9 @@ PROBES = [
 ]
 CATEGORIES = ["attention projections", "attention core", "norms/rope", "router", "experts", "LM head"]
 OTHER = "other (embedding, residuals, loop)"
+# the dense part's pure tensor functions (no cache writes, no host syncs): what torch.compile can take whole
+COMPILED = [("offload.model.decoder", "rms_norm"), ("offload.model.attention", "rms_norm"),
+            ("offload.model.attention", "apply_rotary")]
 
 
 def _owner(module: str, cls: str | None, attribute: str):
@@ -68,6 +71,21 @@ def probes() -> Iterator[None]:
         yield
     finally:
         for owner, attribute, original in reversed(saved):
+            setattr(owner, attribute, original)
+
+
+@contextlib.contextmanager
+def compiled(enabled: bool) -> Iterator[None]:
+    """torch.compile (dynamic shapes) the COMPILED functions for the duration, when enabled."""
+    saved = []
+    for module, attribute in COMPILED if enabled else []:
+        owner = importlib.import_module(module)
+        saved.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, torch.compile(getattr(owner, attribute), dynamic=True))
+    try:
+        yield
+    finally:
+        for owner, attribute, original in saved:
             setattr(owner, attribute, original)
 
 
@@ -112,7 +130,7 @@ def _table(prof, tokens: int) -> dict[str, dict]:
 
 
 def run(path: Path | None = None, tokens: int = 16, runs: int = 5, threads: int = 2, top: int = 15,
-        json_out: Path | None = None) -> dict:
+        json_out: Path | None = None, compile_dense: bool = False) -> dict:
     import offload
     from offload.bench.e2e import DEFAULT_DIR, make_checkpoint
 
@@ -121,7 +139,10 @@ def run(path: Path | None = None, tokens: int = 16, runs: int = 5, threads: int 
     model = offload.load(path, device="cpu")
     prompt = torch.randint(1, model.spec.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     rates = []
-    with torch.inference_mode():
+    with torch.inference_mode(), compiled(compile_dense):
+        t0 = time.perf_counter()  # the first prefill and decode step: compile time when compiling
+        _decode(model, prompt, 1)()
+        first_s = time.perf_counter() - t0
         for _ in range(runs):  # without the profiler: what a user gets
             step = _decode(model, prompt, tokens)
             step()
@@ -149,7 +170,7 @@ def run(path: Path | None = None, tokens: int = 16, runs: int = 5, threads: int 
     result = {"model": str(path), "dtype": str(model.decoder.dtype).removeprefix("torch."),
               "tok_s": tok_s, "tok_s_min_max": [min(rates), max(rates)],
               "profiled_ms_per_token": profiled_ms, "categories": table, "python_ms_per_token": python,
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "compiled": compile_dense, "first_call_s": first_s}
     _print(result)
     print(stats.getvalue())
     if json_out:
@@ -163,7 +184,8 @@ def _print(r: dict) -> None:
 
     lo, hi = r["tok_s_min_max"]
     table = Table(title=f"CPU decode step, {r['model']} ({r['dtype']}, resident), {r['torch_threads']} threads: "
-                        f"{r['tok_s']:.2f} tok/s ({lo:.2f}-{hi:.2f}), {1e3 / r['tok_s']:.2f} ms/token unprofiled")
+                        f"{r['tok_s']:.2f} tok/s ({lo:.2f}-{hi:.2f}), {1e3 / r['tok_s']:.2f} ms/token unprofiled"
+                        f"{', torch.compile' if r['compiled'] else ''}; first prefill + token {r['first_call_s']:.1f} s")
     for col in ("category", "torch ops/token", "ms/token (profiled)", "of which torch ops"):
         table.add_column(col)
     for name, c in r["categories"].items():
