@@ -12,6 +12,7 @@ from ..spec import ExpertSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
 from .hooks import DecoderHook
 from .kv_cache import KVCache
+from .linear import linear
 from .moe import ExpertProvider, expert_mlp, moe, route
 from .norm import rms_norm
 from .rope import RotaryTable
@@ -73,4 +74,4 @@ class Decoder:
 
     @with_threads
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        return linear(hidden, self.lm_head)  # linear(): the decode GEMV kernel, when there is one

@@ -16,6 +16,7 @@ from ..archs.base import Renamer
 from ..spec import ExpertSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
 from .kv_cache import LayerCache
+from .linear import linear
 from .moe import expert_mlp
 from .norm import rms_norm
 from .rope import RotaryTable
@@ -64,11 +65,11 @@ class MTPHead:
         eps = self.spec.rms_norm_eps
         T = hidden.shape[1]
         e = rms_norm(F.embedding(next_ids, self.embed), self.w["enorm"], eps)
-        x = F.linear(torch.cat((e, rms_norm(hidden, self.w["hnorm"], eps)), dim=-1), self.w["eh_proj"])
+        x = linear(torch.cat((e, rms_norm(hidden, self.w["hnorm"], eps)), dim=-1), self.w["eh_proj"])
         q_index = torch.arange(start, start + T, device=self.device)
         step = Step(start, q_index, torch.ones(1, T, dtype=torch.bool, device=self.device),
                     {self.attn_spec.rope: self.rotary.cos_sin(q_index[None], self.dtype)})
         x = x + attention(rms_norm(x, self.w["input_norm"], eps), self.attn, self.attn_spec, eps, step, cache)
         x = x + expert_mlp(rms_norm(x, self.w["post_attn_norm"], eps), self.mlp, self.mlp_spec)
         state = rms_norm(x, self.w["final_norm"], eps)
-        return state, F.linear(state, self.lm_head)
+        return state, linear(state, self.lm_head)
