@@ -61,6 +61,21 @@ def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a
 
 
 @app.command()
+def profile(model: Path | None = typer.Option(None, help="Checkpoint dir (default: e2e's OLMoE-shaped one)."),
+            tokens: int = typer.Option(16, min=1, help="Decode tokens per timed run."),
+            runs: int = typer.Option(5, min=1, help="Unprofiled timing runs (median)."),
+            threads: int = typer.Option(2, min=1), top: int = typer.Option(15, min=0, help="cProfile rows."),
+            compile_dense: bool = typer.Option(False, "--compile", help="torch.compile the dense step's norms and "
+                                                                             "rope (reports the compile time)."),
+            json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Torch ops and time per decode token by category (attention, norms/rope, router, experts, LM head, Python),
+    resident on the CPU, and cProfile's top functions."""
+    from offload.bench.profile import run
+
+    run(model, tokens, runs, threads, top, json_out, compile_dense)
+
+
+@app.command()
 def quality(model: str = typer.Option("demo", help="A checkpoint with the demo tasks' chat format."),
             n: int = typer.Option(200, min=1, help="Held-out tasks."),
             json_out: Path | None = typer.Option(None, "--json")) -> None:

@@ -123,8 +123,8 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
     step_valid = valid
-    if decoder.recorder is not None:
-        decoder.recorder.start(B)
+    for hook in decoder.hooks:
+        hook.begin(B)
     try:
         for _ in range(max_new_tokens):
             hidden = decoder.hidden_states(tokens, cache, positions, step_valid)
@@ -138,8 +138,8 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
             positions = positions[:, -1:] + 1
             step_valid = torch.ones(B, 1, dtype=torch.bool, device=input_ids.device)
     finally:
-        if decoder.recorder is not None:
-            decoder.recorder.finish()
+        for hook in decoder.hooks:
+            hook.end()
 
 
 def collect_ids(input_ids: torch.Tensor, tokens: Iterator[torch.Tensor], eos_ids: Sequence[int],

@@ -10,6 +10,7 @@ from offload.quant import PRESETS
 from .engine.offloaded import OffloadedExperts
 from .engine.planner import plan
 from .engine.policies import POLICIES
+from .engine.prefetch import Prefetcher
 from .engine.recorder import RoutingRecorder
 from .engine.resident import ResidentExperts
 from .engine.store import HostStore
@@ -125,11 +126,12 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
         experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
                                    policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive",
                                    spec.router.top_k)
-    decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype,
-                      prefetch=prefetch if offloaded else 0, predict_from=predict_from)
+    decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype)
     if offloaded and prefetch:
-        decoder.predictors = load_predictors(path, spec.hidden_size, dev, dtype)
-    decoder.recorder = recorder
+        decoder.hooks.append(Prefetcher(decoder, prefetch, predict_from=predict_from,
+                                        predictors=load_predictors(path, spec.hidden_size, dev, dtype)))
+    if recorder is not None:
+        decoder.hooks.append(recorder)
     model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})
     model.plan = model_plan
     return model

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from ..model.hooks import DecoderHook, Predictions
+from ..model.kv_cache import KVCache
 from .trace import TraceWriter
 
 
-class RoutingRecorder:
+class RoutingRecorder(DecoderHook):
     def __init__(self, path: str | Path) -> None:
         """Fails now, with a one-line ValueError, if the trace could not be written at the end of a generate."""
         self.path = Path(path)
@@ -30,20 +32,26 @@ class RoutingRecorder:
         self.first_seq = 0
         self.token = -1
 
-    def start(self, batch: int) -> None:
+        self.decoding = False
+
+    def begin(self, batch: int) -> None:
         self.first_seq, self.next_seq, self.token = self.next_seq, self.next_seq + batch, -1
 
-    def step(self) -> None:
-        self.token += 1
+    def start(self, tokens: int) -> None:
+        self.decoding = tokens == 1  # decode steps only
+        self.token += self.decoding
 
-    def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def routed(self, layer: int, h: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               cache: KVCache) -> Predictions:
         """ids, weights [B, k] of one decode step (one token per row); experts stored best first."""
-        order = weights.argsort(dim=-1, descending=True)
-        ids, weights = ids.gather(1, order).tolist(), weights.gather(1, order).tolist()
-        for b, (experts, probs) in enumerate(zip(ids, weights)):
-            self.rows.append((self.first_seq + b, self.token, layer, experts, probs))
+        if self.decoding:
+            order = weights.argsort(dim=-1, descending=True)
+            experts, probs = ids.gather(1, order).tolist(), weights.gather(1, order).tolist()
+            for b, (row_experts, row_probs) in enumerate(zip(experts, probs)):
+                self.rows.append((self.first_seq + b, self.token, layer, row_experts, row_probs))
+        return []
 
-    def finish(self) -> None:
+    def end(self) -> None:
         with TraceWriter(self.path) as writer:
             for row in sorted(self.rows, key=lambda r: r[:3]):
                 writer.write(*row)

@@ -37,15 +37,17 @@ class LayerCache:
         self.index = torch.full((size,), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> KeysView:
-        """Add T new entries (sequence indices `index` [T], consecutive) and return the keys they may attend to."""
-        end = int(index[-1]) + 1
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int, index: torch.Tensor,
+               valid: torch.Tensor) -> KeysView:
+        """Add T new entries (sequence indices start.. as ints, `index` [T] as a tensor) and return the keys they
+        may attend to."""
+        end = start + k.shape[2]
         if self.window is None:
             if end > self.capacity:
                 raise ValueError(f"sequence of {end} tokens exceeds the KV cache of {self.capacity}; "
                                  "allocate the cache for prompt + max_new_tokens")
             self._grow(end)
-            self._write(slice(int(index[0]), end), k, v, index, valid)
+            self._write(slice(start, end), k, v, index, valid)
             return KeysView(self.k[:, :, :end], self.v[:, :, :end], self.index[:end], self.valid[:, :end])
         # Ring: new queries need up to window-1 older keys, so attend over ring + new, then keep the newest.
         view = KeysView(torch.cat((self.k, k), 2), torch.cat((self.v, v), 2),

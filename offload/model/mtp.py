@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from ..archs.base import Renamer
 from ..spec import ExpertSpec, ModelSpec
-from .attention import attention
+from .attention import Step, attention, fuse_qkv
 from .kv_cache import LayerCache
+from .linear import linear
 from .moe import expert_mlp
 from .norm import rms_norm
 from .rope import RotaryTable
@@ -43,13 +44,15 @@ def mtp_weights(mtp: dict[str, torch.Tensor], layer: int = 0) -> dict[str, torch
 class MTPHead:
     def __init__(self, weights: dict[str, torch.Tensor], spec: ModelSpec, embed: torch.Tensor,
                  lm_head: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-        self.w, self.spec, self.embed, self.lm_head = weights, spec, embed, lm_head
+        self.spec, self.embed, self.lm_head = spec, embed, lm_head
         self.attn_spec = next(layer.attention for layer in spec.layers if layer.attention.window)
-        self.attn = {k[len("attn."):]: v for k, v in weights.items() if k.startswith("attn.")}
+        self.attn = fuse_qkv({k[len("attn."):]: v for k, v in weights.items() if k.startswith("attn.")}, self.attn_spec)
+        self.w = {k: v for k, v in weights.items() if not k.startswith("attn.")} | {f"attn.{k}": v
+                                                                                   for k, v in self.attn.items()}
         self.mlp = {k[len("mlp."):]: v for k, v in weights.items() if k.startswith("mlp.")}
         self.mlp_spec = ExpertSpec(weights["mlp.gate"].shape[0])
         self.rotary = RotaryTable(self.attn_spec.rope, device)
-        self.threads = threads_for([*weights.values(), embed, lm_head], device)
+        self.threads = threads_for([*self.w.values(), embed, lm_head], device)
         self.device, self.dtype = device, dtype
 
     def new_cache(self, max_len: int, slack: int) -> LayerCache:
@@ -62,12 +65,11 @@ class MTPHead:
         eps = self.spec.rms_norm_eps
         T = hidden.shape[1]
         e = rms_norm(F.embedding(next_ids, self.embed), self.w["enorm"], eps)
-        x = F.linear(torch.cat((e, rms_norm(hidden, self.w["hnorm"], eps)), dim=-1), self.w["eh_proj"])
+        x = linear(torch.cat((e, rms_norm(hidden, self.w["hnorm"], eps)), dim=-1), self.w["eh_proj"])
         q_index = torch.arange(start, start + T, device=self.device)
-        cos_sin = self.rotary.cos_sin(q_index[None], self.dtype)
-        valid = torch.ones(1, T, dtype=torch.bool, device=self.device)
-        x = x + attention(rms_norm(x, self.w["input_norm"], eps), self.attn, self.attn_spec, eps, cos_sin, cache,
-                          q_index, valid)
+        step = Step(start, q_index, torch.ones(1, T, dtype=torch.bool, device=self.device),
+                    {self.attn_spec.rope: self.rotary.cos_sin(q_index[None], self.dtype)})
+        x = x + attention(rms_norm(x, self.w["input_norm"], eps), self.attn, self.attn_spec, eps, step, cache)
         x = x + expert_mlp(rms_norm(x, self.w["post_attn_norm"], eps), self.mlp, self.mlp_spec)
         state = rms_norm(x, self.w["final_norm"], eps)
-        return state, F.linear(state, self.lm_head)
+        return state, linear(state, self.lm_head)

@@ -18,6 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from .hooks import DecoderHook, Predictions
+from .kv_cache import KVCache
+from .norm import rms_norm
 
 FILENAME = "predictor.safetensors"
 
@@ -32,6 +35,12 @@ def fit(features: torch.Tensor, target: torch.Tensor, ridge: float = 10.0) -> to
 def apply(a: torch.Tensor, early: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """early, previous [N, H] -> the estimated router input [N, H]."""
     return torch.addmm(a[-1], torch.cat((early, previous), -1), a[:-1])
+
+
+def keep_router_input(layer: int, x: torch.Tensor, cache: KVCache) -> None:
+    """x [B, T, H]: layer's router input; kept at each row's newest position for the next token's predictor, as
+    a copy after a prompt (a view would keep the whole prompt's activations alive)."""
+    cache.router_inputs[layer] = x[:, -1] if x.shape[1] == 1 else x[:, -1].clone()
 
 
 def save(predictors: dict[int, torch.Tensor], directory: Path) -> Path:
@@ -66,11 +75,45 @@ def calibrate(model, prompts: list[torch.Tensor], max_new_tokens: int = 48,
     router input) pairs of every decode step for each MoE layer after the first (the decoder skips prompt
     positions: they route differently, and prefetching happens while decoding), and fit one map per layer."""
     decoder = model.decoder
-    pairs: dict[int, tuple[list, list]] = {j: ([], []) for j in decoder.spec.moe_layers[1:]}
-    decoder.collect = pairs
+    calibration = Calibration(decoder)
+    decoder.hooks.append(calibration)
     try:
         for ids in prompts:
             model.generate(ids, max_new_tokens=max_new_tokens)
     finally:
-        decoder.collect = None
-    return {j: fit(torch.cat(e).float().cpu(), torch.cat(t).float().cpu(), ridge) for j, (e, t) in pairs.items() if e}
+        decoder.hooks.remove(calibration)
+    return {j: fit(torch.cat(e).float().cpu(), torch.cat(t).float().cpu(), ridge)
+            for j, (e, t) in calibration.pairs.items() if e}
+
+
+class Calibration(DecoderHook):
+    """Collects, at decode steps, each MoE layer's features (the state after the previous MoE layer's attention,
+    normed as this layer's router input is; this layer's router input at the previous token) and router input."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+        self.pairs: dict[int, tuple[list, list]] = {j: ([], []) for j in decoder.spec.moe_layers[1:]}
+        self.early: dict[int, torch.Tensor] = {}
+        self.decoding = False
+
+    def start(self, tokens: int) -> None:
+        self.decoding = tokens == 1  # prompts route differently, and prefetching happens while decoding
+
+    def routed(self, layer: int, h: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               cache: KVCache) -> Predictions:
+        if not self.decoding:
+            return []
+        early = self.early.pop(layer, None)
+        previous = cache.router_inputs.get(layer)
+        if early is not None and previous is not None:
+            self.pairs[layer][0].append(torch.cat((early, previous), -1))
+            self.pairs[layer][1].append(x.reshape(-1, x.shape[-1]))
+        later = [j for j in self.decoder.spec.moe_layers if j > layer]
+        if later:
+            norm = self.decoder.layers[later[0]]["post_attn_norm"]
+            self.early[later[0]] = rms_norm(h.reshape(-1, h.shape[-1]), norm, self.decoder.spec.rms_norm_eps)
+        return []
+
+    def layer_done(self, layer: int, h: torch.Tensor, x: torch.Tensor, cache: KVCache) -> None:
+        if layer in self.decoder.spec.moe_layers:
+            keep_router_input(layer, x, cache)

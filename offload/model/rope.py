@@ -54,16 +54,21 @@ class RotaryTable:
         self.rotary_dim = 2 * inv_freq.numel()
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, rotary_dim] (broadcast over heads)."""
+        """positions [B, T] -> cos, signed sin [B, 1, T, rotary_dim] (broadcast over heads); the sin's first half
+        negated, for `apply_rotary`."""
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        sin = (emb.sin() * self.scaling).to(dtype)
+        sin[..., : freqs.shape[-1]].neg_()
+        return (emb.cos() * self.scaling).to(dtype), sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim channels of x [B, heads, T, D] (rotate-half convention); pass the rest."""
+    """Rotate the first rotary_dim channels of x [B, heads, T, D] (rotate-half convention); pass the rest.
+    transformers' rotate_half(x) * sin is [-x2 * s, x1 * s]: here x rolled by half, [x2, x1], times the signed
+    sin [-s, s], the same products bit for bit in two ops instead of four."""
     d = cos.shape[-1]
-    rot, rest = x[..., :d], x[..., d:]
-    half = d // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+    if d == x.shape[-1]:
+        return x * cos + x.roll(d // 2, -1) * sin
+    rot = x[..., :d]
+    return torch.cat((rot * cos + rot.roll(d // 2, -1) * sin, x[..., d:]), dim=-1)
