@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload.kernels import fused_moe, native
+
 from ..spec import ExpertSpec, RouterSpec
 from .linear import linear
 
@@ -126,26 +128,52 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
         else:
             where = order[[i for ex, _ in batch for i in range(spans[ex].start, spans[ex].stop)]]
         counts = [spans[ex].stop - spans[ex].start for ex, _ in batch]
-        pairs[where] = _run_batch(flat[where // ids.shape[1]], [w for _, w in batch], counts, e, ids.numel())
+        pairs[where] = _run_batch(flat[where // ids.shape[1]], [w for _, w in batch], counts, e, ids.shape)
     out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
     return out.to(flat.dtype).view_as(x)
 
 
 def _run_batch(x: torch.Tensor, experts: list[dict[str, torch.Tensor]], counts: list[int], e: ExpertSpec,
-               layer_pairs: int) -> torch.Tensor:
-    """x [P, H]: rows grouped by expert, counts[i] rows for experts[i]. Small dense experts on the compute
-    device run as one grouped product, others one by one (a miss may run on the host where it lives). The
-    choice depends on the layer's pair count, not on how the provider batched its experts, so resident and
-    offloaded runs compute every pair the same way."""
+               routed: torch.Size) -> torch.Tensor:
+    """x [P, H]: rows grouped by expert, counts[i] rows for experts[i]; routed: the layer's [tokens, k].
+    Small dense experts on the compute device run as one grouped product; at decode sizes every expert whose
+    weights are on the CPU in a form our kernel reads runs in one native call; others one by one (a miss may
+    run on the host where it lives). Each choice depends on the layer's routing and the expert's own weights,
+    not on how the provider batched its experts, so resident and offloaded runs compute every pair the same way."""
+    layer_pairs = routed.numel()
     limit = GROUPED_MAX_BYTES.get(x.device.type, 0)
     if limit and all(_groupable(w, x.device) for w in experts) and layer_pairs * _nbytes(experts[0]) <= limit:
         return grouped_expert_mlp(x, [w for w, n in zip(experts, counts) for _ in range(n)], e, layer_pairs)
-    outputs, start = [], 0
-    for w, n in zip(experts, counts):
+    starts = list(itertools.accumulate(counts, initial=0))
+    fused = _fused_rows(x, experts, counts, starts, e) if routed[0] <= fused_moe.MAX_TOKENS else {}
+    outputs = []
+    for i, (w, n) in enumerate(zip(experts, counts)):
+        if i in fused:
+            outputs.append(fused[i])
+            continue
         where = getattr(w["down"], "device", x.device)
-        outputs.append(expert_mlp(x[start:start + n].to(where), w, e).to(x.device))
-        start += n
+        outputs.append(expert_mlp(x[starts[i]:starts[i] + n].to(where), w, e).to(x.device))
     return torch.cat(outputs)
+
+
+def _fused_rows(x: torch.Tensor, experts: list[dict], counts: list[int], starts: list[int],
+                e: ExpertSpec) -> dict[int, torch.Tensor]:
+    """Outputs [counts[i], H] (x's dtype and device) of the experts our fused CPU kernel serves, by index."""
+    gemv = native.gemv()
+    if gemv is None:
+        return {}
+    hidden = x.shape[1]
+    found = [(i, d) for i, w in enumerate(experts)
+             if (d := fused_moe.descriptor(w, gemv, hidden, e.intermediate_size)) is not None]
+    if not found:
+        return {}
+    if len(found) == len(experts):
+        rows = x
+    else:
+        rows = torch.cat([x[starts[i]:starts[i] + counts[i]] for i, _ in found])
+    out = fused_moe.run(rows.to("cpu"), [d for _, d in found], [counts[i] for i, _ in found], e.intermediate_size,
+                        e.activation == "swiglu_clamp", e.alpha, e.limit, gemv).to(x.device, x.dtype)
+    return dict(zip((i for i, _ in found), out.split([counts[i] for i, _ in found])))
 
 
 def _groupable(w: dict, device: torch.device) -> bool:
