@@ -125,3 +125,24 @@ def test_dense_linear_falls_back(gemv):
                       (torch.randn(2, 32), w.t().contiguous().t())):
         assert not dense.servable(x, weight, None)
         assert torch.equal(dense.dense_linear(x, weight), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("arch, quant, sizes", [("mixtral", None, {}), ("gpt_oss", None, {}),
+                                                ("olmoe", "a4e3", {"intermediate_size": 64}),
+                                                ("qwen3_moe", "a4e2", {"moe_intermediate_size": 64}),
+                                                ("gpt_oss", "a4e4", {})])  # MXFP4 experts
+def test_offloaded_equals_resident_on_the_fused_path(gemv, monkeypatch, tmp_path, arch, quant, sizes):
+    """Decode steps take the fused kernel, resident and offloaded (slots and the host tier), bit for bit."""
+    import offload
+    from hf_tiny import save_tiny
+
+    calls = []
+    real = fused_moe.run
+    monkeypatch.setattr(fused_moe, "run", lambda *a: calls.append(len(a[1])) or real(*a))
+    save_tiny(arch, tmp_path, **sizes)
+    prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    resident = offload.load(tmp_path, quant=quant).generate(prompt, max_new_tokens=6)
+    assert calls
+    offloaded = offload.load(tmp_path, quant=quant, cache_experts=2, miss_policy="cpu")
+    assert torch.equal(offloaded.generate(prompt, max_new_tokens=6), resident)
+    assert offloaded.stats()["cpu_computed"] > 0 and offloaded.stats()["hits"] > 0
