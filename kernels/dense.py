@@ -16,9 +16,11 @@ MAX_ROWS = 8  # rows of x one pass over the weight serves; beyond, torch's GEMM 
 DTYPES = (torch.bfloat16, torch.float32)
 
 
-def servable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether our GEMV computes F.linear(x, w, bias): same dtype (bf16 or fp32), CPU, contiguous, few rows."""
-    return (w.dtype in DTYPES and x.dtype == w.dtype and w.dim() == 2 and w.device.type == "cpu"
+def servable(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, widen: bool = False) -> bool:
+    """Whether our GEMV computes F.linear(x, w, bias): same dtype (bf16 or fp32; with `widen`, x fp32 and w
+    either), CPU, contiguous, few rows."""
+    same = x.dtype == w.dtype or (widen and x.dtype == torch.float32)
+    return (w.dtype in DTYPES and same and w.dim() == 2 and w.device.type == "cpu"
             and x.device.type == "cpu" and w.is_contiguous() and 0 < x.numel() <= MAX_ROWS * w.shape[1]
             and not x.requires_grad and not w.requires_grad
             and (bias is None or (bias.dtype == w.dtype and bias.device.type == "cpu" and bias.is_contiguous())))
@@ -31,3 +33,12 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         return F.linear(x, w, bias)
     y = gemv.dense(x.reshape(-1, w.shape[1]).float().contiguous(), w, bias)
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x.float(), w.float()) without widening w in memory first (a router's fp32 scores)."""
+    x = x.float()
+    gemv = native.gemv() if servable(x, w, None, widen=True) else None
+    if gemv is None:
+        return F.linear(x, w.float())
+    return gemv.dense(x.reshape(-1, w.shape[1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])

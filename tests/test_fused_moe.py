@@ -146,3 +146,12 @@ def test_offloaded_equals_resident_on_the_fused_path(gemv, monkeypatch, tmp_path
     offloaded = offload.load(tmp_path, quant=quant, cache_experts=2, miss_policy="cpu")
     assert torch.equal(offloaded.generate(prompt, max_new_tokens=6), resident)
     assert offloaded.stats()["cpu_computed"] > 0 and offloaded.stats()["hits"] > 0
+
+
+def test_linear_fp32_widens_bf16_weights(gemv):
+    """The router's fp32 scores from bf16 weights, without a widened copy: F.linear(x.float(), w.float())."""
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    ref = x.double() @ w.double().t()
+    y = dense.linear_fp32(x, w)
+    assert y.dtype == torch.float32 and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.kernels import fused_moe, native
+from offload.kernels.dense import linear_fp32
 
 from ..spec import ExpertSpec, RouterSpec
 from .linear import linear
@@ -24,14 +25,14 @@ GROUPED_MAX_BYTES = {"cuda": 256 << 20}
 def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] -> (weights [N, k] fp32, expert ids [N, k])."""
     if r.scoring == "softmax_topk_first":  # gpt-oss: top-k of the biased logits, softmax over those k
-        logits = F.linear(x, w["weight"], w.get("bias"))
+        logits = linear(x, w["weight"], w.get("bias"))
         top, ids = torch.topk(logits, r.top_k, dim=-1)
         return torch.softmax(top, dim=-1).float(), ids
     if r.scoring == "softmax":
-        probs = torch.softmax(F.linear(x, w["weight"]).float(), dim=-1)
+        probs = torch.softmax(linear(x, w["weight"]).float(), dim=-1)
         top, ids = torch.topk(probs, r.top_k, dim=-1)
     else:  # sigmoid scores; the correction bias steers the choice but not the weights
-        scores = F.linear(x.float(), w["weight"].float()).sigmoid()
+        scores = linear_fp32(x, w["weight"]).sigmoid()
         choice = scores + w["correction_bias"].float() if "correction_bias" in w else scores
         choice = _mask_groups(choice, r) if r.n_group > 1 else choice
         ids = torch.topk(choice, r.top_k, dim=-1, sorted=False)[1]
