@@ -9,6 +9,8 @@ provider yields together; the caller weights and sums them as before.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from offload.kernels import native
@@ -71,8 +73,7 @@ def run(x: torch.Tensor, descriptors: list[list[int]], counts: list[int], inner:
         alpha: float, limit: float, gemv: native.Gemv) -> torch.Tensor:
     """x [P, H] (rows grouped by expert, counts[i] for descriptors[i]) -> float32 [P, H], one row per pair."""
     hidden = x.shape[1]
-    starts = torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     stride = max(hidden, *(d[20] for d in descriptors))  # a down projection's n_pad
-    out = gemv.moe_layer(x.float().contiguous(), torch.tensor(descriptors, dtype=torch.int64), starts, inner,
+    out = gemv.moe_layer(x.float().contiguous(), descriptors, list(itertools.accumulate(counts, initial=0)), inner,
                          clamped, alpha, limit, stride)
     return out[:, :hidden]

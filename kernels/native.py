@@ -12,6 +12,7 @@ portable path (offload.kernels.cpu); the reason is logged once.
 from __future__ import annotations
 
 import ctypes
+from array import array
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+@lru_cache(maxsize=1)
 def cpu_isas() -> tuple[str, ...]:
     """The builds this CPU can run, best last. torch's capability check covers what they use (its AVX512
     level needs F, BW, VL, DQ and FMA)."""
@@ -106,14 +108,17 @@ class Gemv:
                             bias is not None and bias.dtype == torch.bfloat16, y.data_ptr())
         return y
 
-    def moe_layer(self, x: torch.Tensor, descriptors: torch.Tensor, starts: torch.Tensor, inner: int,
+    def moe_layer(self, x: torch.Tensor, descriptors: list[list[int]], starts: list[int], inner: int,
                   clamped: bool, alpha: float, limit: float, out_stride: int) -> torch.Tensor:
         """Every expert of a MoE layer in one call (see moe_layer in q_gemv.c): x float32 [P, H], rows grouped
-        by expert (starts int32 [E + 1]), descriptors int64 [E, 3, 8] -> float32 [P, out_stride]."""
+        by expert (expert i: rows starts[i] .. starts[i + 1]), descriptors: 24 int64 per expert ->
+        float32 [P, out_stride]. Small arrays go as array.array buffers: tensors or ctypes arrays built from
+        lists cost more than the call itself."""
         p, h = x.shape
         out = torch.empty(p, out_stride, dtype=torch.float32)
-        if self.lib.moe_layer(descriptors.shape[0], descriptors.data_ptr(), starts.data_ptr(), x.data_ptr(), h,
-                              inner, int(clamped), alpha, limit, out.data_ptr(), out_stride):
+        flat, rows = array("q", [v for d in descriptors for v in d]), array("i", starts)
+        if self.lib.moe_layer(len(descriptors), flat.buffer_info()[0], rows.buffer_info()[0], x.data_ptr(), h, inner,
+                              int(clamped), alpha, limit, out.data_ptr(), out_stride):
             raise MemoryError("moe_layer: no memory for its scratch buffers")
         return out
 
