@@ -1,4 +1,4 @@
-"""Our GEMV (q_gemv.c), compiled on first use with the system C compiler, once per instruction set.
+"""Our CPU kernels (q_gemv.c: quantized and dense GEMV, the fused MoE layer), compiled on first use with the system C compiler, once per instruction set.
 
 One small C file needs no build system: `cc -O3 -fopenmp -shared` takes about a second. It is built for
 AVX2 + FMA (8-float vectors) or AVX-512 F/BW/VL (16-float vectors: the same source with -DVEC=16), the best
@@ -12,6 +12,7 @@ portable path (offload.kernels.cpu); the reason is logged once.
 from __future__ import annotations
 
 import ctypes
+from array import array
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("q_gemv.c")
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 ISA_FLAGS = {"avx2": ("-mavx2", "-mfma", "-DVEC=8"),
              "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-DVEC=16")}
 CHOICES = (*ISA_FLAGS, "portable")
@@ -37,6 +39,7 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+@lru_cache(maxsize=1)
 def cpu_isas() -> tuple[str, ...]:
     """The builds this CPU can run, best last. torch's capability check covers what they use (its AVX512
     level needs F, BW, VL, DQ and FMA)."""
@@ -57,14 +60,14 @@ def chosen_isa() -> str | None:
 
 def _compile(compiler: str, isa: str) -> Path:
     command = (compiler, *COMMON_FLAGS, *ISA_FLAGS[isa])
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command + LIBS).encode()).hexdigest()[:16]
     target = cache_dir() / f"q_gemv-{isa}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([*command, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            subprocess.run([*command, str(SOURCE), "-o", tmp, *LIBS], check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -95,6 +98,30 @@ class Gemv:
                             scale_zeros.data_ptr(), n_pad, group_size, xsum.data_ptr(), y.data_ptr())
         return y
 
+    def dense(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x float32 [M, K] (contiguous) @ w.T (+ bias) -> float32 [M, N]; w bf16 or float32 [N, K] contiguous,
+        bias bf16 or float32 [N]. Each weight row is read once per 8 rows of x."""
+        m, k = x.shape
+        y = torch.empty(m, w.shape[0], dtype=torch.float32)
+        self.lib.dense_gemv(x.data_ptr(), m, k, w.data_ptr(), w.dtype == torch.bfloat16, w.shape[0],
+                            bias.data_ptr() if bias is not None else None,
+                            bias is not None and bias.dtype == torch.bfloat16, y.data_ptr())
+        return y
+
+    def moe_layer(self, x: torch.Tensor, descriptors: list[list[int]], starts: list[int], inner: int,
+                  clamped: bool, alpha: float, limit: float, out_stride: int) -> torch.Tensor:
+        """Every expert of a MoE layer in one call (see moe_layer in q_gemv.c): x float32 [P, H], rows grouped
+        by expert (expert i: rows starts[i] .. starts[i + 1]), descriptors: 24 int64 per expert ->
+        float32 [P, out_stride]. Small arrays go as array.array buffers: tensors or ctypes arrays built from
+        lists cost more than the call itself."""
+        p, h = x.shape
+        out = torch.empty(p, out_stride, dtype=torch.float32)
+        flat, rows = array("q", [v for d in descriptors for v in d]), array("i", starts)
+        if self.lib.moe_layer(len(descriptors), flat.buffer_info()[0], rows.buffer_info()[0], x.data_ptr(), h, inner,
+                              int(clamped), alpha, limit, out.data_ptr(), out_stride):
+            raise MemoryError("moe_layer: no memory for its scratch buffers")
+        return out
+
 
 @lru_cache(maxsize=None)
 def build(isa: str) -> Gemv | None:
@@ -118,6 +145,11 @@ def build(isa: str) -> Gemv | None:
     lib.q_gemv.restype = None
     lib.fp4_gemv.argtypes = (p, i, i, p, p, i, i, p, p)
     lib.fp4_gemv.restype = None
+    lib.dense_gemv.argtypes = (p, i, i, p, i, i, p, i, p)
+    lib.dense_gemv.restype = None
+    f = ctypes.c_float
+    lib.moe_layer.argtypes = (i, p, p, p, i, i, i, f, f, p, i)
+    lib.moe_layer.restype = i
     return Gemv(isa, lib)
 
 

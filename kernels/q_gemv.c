@@ -21,7 +21,9 @@
  * thread at a time, so the result does not depend on the thread count.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #if VEC == 16
 typedef __m512 vf;
@@ -185,56 +187,270 @@ static void group_sums(const float *x, int M, int K, int group, float *xsum) {
         }
 }
 
-/* x: float [M, K]; packed: 4-bit uint8 [n_pad / 32, K, 16] or 2-bit uint8 [n_pad / 64, K, 16];
- * sz: bf16 pairs [K / group, n_pad]; y: float [M, n_pad]; xsum: float scratch [M, K / group]. */
-void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const uint32_t *sz, int n_pad, int group,
-            float *xsum, float *y) {
-    const int n_groups = K / group, n_tiles = n_pad / 64;
-    group_sums(x, M, K, group, xsum);
-#pragma omp parallel for schedule(static) if ((long)n_tiles * K >= 32768)
-    for (int t = 0; t < n_tiles; t++) {
-        const uint8_t *tile = packed + (long)t * (bits == 4 ? 2 : 1) * K * 16;
-        const uint32_t *sz_tile = sz + (long)t * 64;
-        float *y_tile = y + (long)t * 64;
-        for (int m0 = 0; m0 < M; m0 += MT_MAX) {
-            const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
-            const float *xm = x + (long)m0 * K, *xs = xsum + m0 * n_groups;
-            float *out[2][MT_MAX]; /* per 32-row half of the tile */
-            for (int h = 0; h < 2; h++)
-                for (int m = 0; m < mt; m++) out[h][m] = y_tile + (long)(m0 + m) * n_pad + h * 32;
-            if (bits == 4) {
+/* One 64-row tile t of a 4-bit or 2-bit weight for all M rows of x: y[m * ldy + r] for the tile's rows r. */
+static void q_tile(const float *x, int M, int K, const uint8_t *packed, int bits, const uint32_t *sz, int n_pad,
+                   int group, const float *xsum, int t, float *y, long ldy) {
+    const int n_groups = K / group;
+    const uint8_t *tile = packed + (long)t * (bits == 4 ? 2 : 1) * K * 16;
+    const uint32_t *sz_tile = sz + (long)t * 64;
+    float *y_tile = y + (long)t * 64;
+    for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+        const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+        const float *xm = x + (long)m0 * K, *xs = xsum + m0 * n_groups;
+        float *out[2][MT_MAX]; /* per 32-row half of the tile */
+        for (int h = 0; h < 2; h++)
+            for (int m = 0; m < mt; m++) out[h][m] = y_tile + (long)(m0 + m) * ldy + h * 32;
+        if (bits == 4) {
 #define HALVES(MT)                                                                                                \
     rows_pass(xm, MT, K, tile, MASKS_4BIT, 32 / VEC, 8.0f, sz_tile, n_pad, group, xs, n_groups, out[0]);          \
     rows_pass(xm, MT, K, tile + (long)K * 16, MASKS_4BIT, 32 / VEC, 8.0f, sz_tile + 32, n_pad, group, xs,         \
               n_groups, out[1])
-                BY_ROWS(mt, HALVES)
-            } else { /* a whole 2-bit tile per pass: its vectors share each column's byte loads (on AVX2 at
-                      * mt = 2 the 16 accumulators spill a few to L1, still well ahead of two passes) */
+            BY_ROWS(mt, HALVES)
+        } else { /* a whole 2-bit tile per pass: its vectors share each column's byte loads (on AVX2 at
+                  * mt = 2 the 16 accumulators spill a few to L1, still well ahead of two passes) */
 #define TILE2(MT)                                                                                                 \
     rows_pass(xm, MT, K, tile, MASKS_2BIT_TILE, 64 / VEC, 2.0f, sz_tile, n_pad, group, xs, n_groups, out[0])
-                BY_ROWS(mt, TILE2)
-            }
+            BY_ROWS(mt, TILE2)
         }
     }
 }
 
-/* The same over FP4 tiles (4-bit layout; MXFP4's 32-column groups, z = 0). A function of its own: sharing
- * q_gemv's body changed how the compiler allocated registers in the 2-bit pass (10% slower, AVX2). */
-void fp4_gemv(const float *x, int M, int K, const uint8_t *packed, const uint32_t *sz, int n_pad, int group,
-              float *xsum, float *y) {
-    const int n_groups = K / group, n_blocks = n_pad / 32;
+/* x: float [M, K]; packed: 4-bit uint8 [n_pad / 32, K, 16] or 2-bit uint8 [n_pad / 64, K, 16];
+ * sz: bf16 pairs [K / group, n_pad]; y: float [M, n_pad]; xsum: float scratch [M, K / group]. */
+void q_gemv(const float *x, int M, int K, const uint8_t *packed, int bits, const uint32_t *sz, int n_pad, int group,
+            float *xsum, float *y) {
+    const int n_tiles = n_pad / 64;
     group_sums(x, M, K, group, xsum);
-#pragma omp parallel for schedule(static) if ((long)n_blocks * K >= 65536)
-    for (int b = 0; b < n_blocks; b++) {
-        for (int m0 = 0; m0 < M; m0 += MT_MAX) {
-            const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
-            float *out[MT_MAX];
-            for (int m = 0; m < mt; m++) out[m] = y + (long)(m0 + m) * n_pad + (long)b * 32;
-            const float *xm = x + (long)m0 * K, *xs = xsum + m0 * n_groups;
+#pragma omp parallel for schedule(static) if ((long)n_tiles * K >= 32768)
+    for (int t = 0; t < n_tiles; t++) q_tile(x, M, K, packed, bits, sz, n_pad, group, xsum, t, y, n_pad);
+}
+
+/* One 32-row block b of an FP4 weight (4-bit layout; MXFP4's 32-column groups, z = 0) for all M rows of x. A
+ * function of its own: sharing q_tile's body changed how the compiler allocated registers in the 2-bit pass
+ * (10% slower, AVX2). */
+static void fp4_block(const float *x, int M, int K, const uint8_t *packed, const uint32_t *sz, int n_pad, int group,
+                      const float *xsum, int b, float *y, long ldy) {
+    const int n_groups = K / group;
+    for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+        const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+        float *out[MT_MAX];
+        for (int m = 0; m < mt; m++) out[m] = y + (long)(m0 + m) * ldy + (long)b * 32;
+        const float *xm = x + (long)m0 * K, *xs = xsum + m0 * n_groups;
 #define FP4(MT)                                                                                                   \
     rows_pass(xm, MT, K, packed + (long)b * K * 16, 0, 32 / VEC, 0.0f, sz + (long)b * 32, n_pad, group, xs,       \
               n_groups, out)
-            BY_ROWS(mt, FP4)
+        BY_ROWS(mt, FP4)
+    }
+}
+
+void fp4_gemv(const float *x, int M, int K, const uint8_t *packed, const uint32_t *sz, int n_pad, int group,
+              float *xsum, float *y) {
+    const int n_blocks = n_pad / 32;
+    group_sums(x, M, K, group, xsum);
+#pragma omp parallel for schedule(static) if ((long)n_blocks * K >= 65536)
+    for (int b = 0; b < n_blocks; b++) fp4_block(x, M, K, packed, sz, n_pad, group, xsum, b, y, n_pad);
+}
+
+/* ---- Dense bf16 / fp32 weights [N, K] (row-major), few rows of x: y[m, n] = sum_k x[m, k] w[n, k] ----
+ * Memory-bound: each weight row is read once for all M (<= 8) rows of x, NR rows of w at a time, a bf16 value
+ * widened to fp32 exactly by a 16-bit shift. Each output is one fp32 dot product whose order (VEC lanes over k,
+ * then a fixed lane reduction, then the scalar tail) depends on neither M, NR nor the thread count. */
+#define DENSE_M 8
+#if VEC == 16
+#define vf_load_bf16(p) vi_bits(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+INLINE float vf_sum(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#define NR_OF(mt) ((mt) <= 4 ? 4 : 2)
+#else
+#define vf_load_bf16(p) vi_bits(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+INLINE float vf_sum(__m256 v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#define NR_OF(mt) ((mt) <= 2 ? 4 : (mt) <= 4 ? 2 : 1)
+#endif
+
+INLINE float bf16_value(uint16_t b) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)b << 16};
+    return v.f;
+}
+
+INLINE float weight_at(const void *w, int bf16, long i) {
+    return bf16 ? bf16_value(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+/* Rows n0 .. n0 + nr of w for mt rows of x (row stride ldx), into y[m * ldy + n]. */
+INLINE void dense_pass(const float *x, int mt, long ldx, int K, const void *w, int bf16, int n0, int nr, float *y,
+                       long ldy) {
+    vf acc[DENSE_M][4];
+    for (int m = 0; m < mt; m++)
+        for (int r = 0; r < nr; r++) acc[m][r] = vf_zero();
+    const int kv = K - K % VEC;
+    for (int k = 0; k < kv; k += VEC) {
+        vf wv[4];
+        for (int r = 0; r < nr; r++) {
+            const long at = (long)(n0 + r) * K + k;
+            wv[r] = bf16 ? vf_load_bf16((const uint16_t *)w + at) : vf_load((const float *)w + at);
+        }
+        for (int m = 0; m < mt; m++) {
+            const vf xv = vf_load(x + m * ldx + k);
+            for (int r = 0; r < nr; r++) acc[m][r] = vf_fmadd(wv[r], xv, acc[m][r]);
         }
     }
+    for (int m = 0; m < mt; m++)
+        for (int r = 0; r < nr; r++) {
+            float s = vf_sum(acc[m][r]);
+            for (int k = kv; k < K; k++) s += weight_at(w, bf16, (long)(n0 + r) * K + k) * x[m * ldx + k];
+            y[m * ldy + n0 + r] = s;
+        }
+}
+
+/* Rows [n0, n1) of w for M <= DENSE_M rows of x. */
+static void dense_rows(const float *x, int M, long ldx, int K, const void *w, int bf16, int n0, int n1, float *y,
+                       long ldy) {
+#define DENSE(MT)                                                                                                 \
+    case MT: {                                                                                                    \
+        int n = n0;                                                                                               \
+        for (; n + NR_OF(MT) <= n1; n += NR_OF(MT)) dense_pass(x, MT, ldx, K, w, bf16, n, NR_OF(MT), y, ldy);     \
+        for (; n < n1; n++) dense_pass(x, MT, ldx, K, w, bf16, n, 1, y, ldy);                                     \
+        break;                                                                                                    \
+    }
+    switch (M) { DENSE(1) DENSE(2) DENSE(3) DENSE(4) DENSE(5) DENSE(6) DENSE(7) DENSE(8) }
+}
+
+/* bias[n] (bf16 or fp32; none when NULL) added to rows [n0, n1) of y. */
+static void add_bias(int M, const void *bias, int bias_bf16, int n0, int n1, float *y, long ldy) {
+    if (!bias) return;
+    for (int m = 0; m < M; m++)
+        for (int n = n0; n < n1; n++) y[m * ldy + n] += weight_at(bias, bias_bf16, n);
+}
+
+#define DENSE_BLOCK 32 /* rows per parallel task */
+
+/* x: float [M, K]; w: bf16 (bf16 = 1) or fp32 [N, K]; bias: [N] or NULL; y: float [M, N]. Any M (8 rows per
+ * pass over the weight). */
+void dense_gemv(const float *x, int M, int K, const void *w, int bf16, int N, const void *bias, int bias_bf16,
+                float *y) {
+    const int n_blocks = (N + DENSE_BLOCK - 1) / DENSE_BLOCK;
+#pragma omp parallel for schedule(static) if ((long)N * K >= 65536)
+    for (int b = 0; b < n_blocks; b++) {
+        const int n0 = b * DENSE_BLOCK, n1 = n0 + DENSE_BLOCK < N ? n0 + DENSE_BLOCK : N;
+        for (int m0 = 0; m0 < M; m0 += DENSE_M) {
+            const int mt = M - m0 < DENSE_M ? M - m0 : DENSE_M;
+            dense_rows(x + (long)m0 * K, mt, K, K, w, bf16, n0, n1, y + (long)m0 * N, N);
+            add_bias(mt, bias, bias_bf16, n0, n1, y + (long)m0 * N, N);
+        }
+    }
+}
+
+/* ---- One MoE layer: every expert's gate/up, activation and down in one call ----
+ * A projection is described by 8 int64s: kind (KIND_*), weight, (s, z) pairs (quantized), group, n_pad (rows
+ * as stored, the output stride of a quantized weight), bias (or 0), bias is bf16, out_features. Experts
+ * [E][3] (gate, up, down); expert e owns rows start[e] .. start[e + 1] of x [P, H] and of out [P, ldo].
+ * Work is split in 64-row units (a quantized tile, two FP4 blocks, 64 dense rows), parallel over experts and
+ * units; each unit is computed by one thread in a fixed order, so a (token, expert) result depends only on
+ * the expert's weights and rows, never on which other experts share the call nor on the thread count. */
+enum { KIND_F32, KIND_BF16, KIND_INT4, KIND_INT2, KIND_FP4 };
+enum { ACT_SWIGLU, ACT_CLAMPED };
+typedef struct { int64_t kind, w, sz, group, n_pad, bias, bias_bf16, n; } proj_t;
+
+static int units_of(const proj_t *p) { return (int)((p->n + 63) / 64); }
+
+/* Group sums of a quantized projection's input (nothing for a dense one). */
+static void input_sums(const proj_t *p, const float *x, int M, int K, float *xsum) {
+    if (p->kind >= KIND_INT4) group_sums(x, M, K, (int)p->group, xsum);
+}
+
+/* Unit u (rows 64u .. 64u + 64) of projection p for M rows of x [M, K]: y[m * ldy + n], bias added. */
+static void run_unit(const proj_t *p, const float *x, int M, int K, const float *xsum, int u, float *y, long ldy) {
+    const int n0 = 64 * u, n1 = n0 + 64 < p->n ? n0 + 64 : (int)p->n;
+    const void *w = (const void *)(intptr_t)p->w;
+    const uint32_t *sz = (const uint32_t *)(intptr_t)p->sz;
+    switch (p->kind) {
+    case KIND_F32:
+    case KIND_BF16:
+        for (int m0 = 0; m0 < M; m0 += DENSE_M)
+            dense_rows(x + (long)m0 * K, M - m0 < DENSE_M ? M - m0 : DENSE_M, K, K, w, p->kind == KIND_BF16, n0,
+                       n1, y + (long)m0 * ldy, ldy);
+        break;
+    case KIND_INT4:
+    case KIND_INT2:
+        q_tile(x, M, K, w, p->kind == KIND_INT4 ? 4 : 2, sz, (int)p->n_pad, (int)p->group, xsum, u, y, ldy);
+        break;
+    case KIND_FP4:
+        for (int b = 2 * u; b < 2 * u + 2 && b < p->n_pad / 32; b++)
+            fp4_block(x, M, K, w, sz, (int)p->n_pad, (int)p->group, xsum, b, y, ldy);
+        break;
+    }
+    add_bias(M, (const void *)(intptr_t)p->bias, (int)p->bias_bf16, n0, n1, y, ldy);
+}
+
+INLINE float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+/* x: float [P, H]; out: float [P, ldo] (ldo >= every down n_pad). act: ACT_SWIGLU silu(g) * u, or ACT_CLAMPED
+ * (gpt-oss) g = min(g, limit), u = clamp(u, +-limit), (u + 1) * g * sigmoid(alpha g). Returns 0, or -1 when
+ * scratch memory could not be allocated. */
+int moe_layer(int E, const int64_t *desc, const int *start, const float *x, int H, int F, int act, float alpha,
+              float limit, float *out, int ldo) {
+    const proj_t *proj = (const proj_t *)desc;
+    const int P = start[E];
+    long ldg = (F + 63) / 64 * 64;
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < 2; j++) ldg = proj[3 * e + j].n_pad > ldg ? proj[3 * e + j].n_pad : ldg;
+    const int sums_x = H / 32 + 1, sums_h = F / 32 + 1; /* groups are at least 32 columns */
+    float *g = malloc(sizeof(float) * P * (2 * ldg + F + sums_x + sums_h) + 64);
+    if (!g) return -1;
+    float *up = g + P * ldg, *h = up + P * ldg, *xs = h + (long)P * F, *hs = xs + (long)P * sums_x;
+    int gate_units = 0, down_units = 0;
+    for (int e = 0; e < E; e++) {
+        gate_units = units_of(&proj[3 * e]) > gate_units ? units_of(&proj[3 * e]) : gate_units;
+        down_units = units_of(&proj[3 * e + 2]) > down_units ? units_of(&proj[3 * e + 2]) : down_units;
+    }
+#pragma omp parallel if ((long)P * H * F >= 65536)
+    {
+#pragma omp for schedule(static)
+        for (int e = 0; e < E; e++)
+            input_sums(&proj[3 * e], x + (long)start[e] * H, start[e + 1] - start[e], H, xs + (long)start[e] * sums_x);
+#pragma omp for schedule(static)
+        for (int t = 0; t < E * gate_units; t++) {
+            const int e = t / gate_units, u = t % gate_units, M = start[e + 1] - start[e];
+            const proj_t *p = &proj[3 * e];
+            if (M == 0 || u >= units_of(p)) continue;
+            const float *xe = x + (long)start[e] * H, *xse = xs + (long)start[e] * sums_x;
+            float *ge = g + start[e] * ldg, *ue = up + start[e] * ldg, *he = h + (long)start[e] * F;
+            run_unit(&p[0], xe, M, H, xse, u, ge, ldg);
+            run_unit(&p[1], xe, M, H, xse, u, ue, ldg);
+            const int n1 = 64 * u + 64 < F ? 64 * u + 64 : F;
+            for (int m = 0; m < M; m++)
+                for (int n = 64 * u; n < n1; n++) {
+                    float a = ge[m * ldg + n], b = ue[m * ldg + n];
+                    if (act == ACT_SWIGLU) {
+                        he[(long)m * F + n] = a * sigmoid(a) * b;
+                    } else {
+                        a = a < limit ? a : limit;
+                        b = b < -limit ? -limit : (b > limit ? limit : b);
+                        he[(long)m * F + n] = (b + 1.0f) * a * sigmoid(alpha * a);
+                    }
+                }
+        }
+#pragma omp for schedule(static)
+        for (int e = 0; e < E; e++)
+            input_sums(&proj[3 * e + 2], h + (long)start[e] * F, start[e + 1] - start[e], F,
+                       hs + (long)start[e] * sums_h);
+#pragma omp for schedule(static)
+        for (int t = 0; t < E * down_units; t++) {
+            const int e = t / down_units, u = t % down_units, M = start[e + 1] - start[e];
+            const proj_t *p = &proj[3 * e + 2];
+            if (M == 0 || u >= units_of(p)) continue;
+            run_unit(p, h + (long)start[e] * F, M, F, hs + (long)start[e] * sums_h, u, out + (long)start[e] * ldo,
+                     ldo);
+        }
+    }
+    free(g);
+    return 0;
 }

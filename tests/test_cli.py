@@ -87,7 +87,7 @@ def test_kernel_bench_quick_speed_only(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["rows"] == 3
-    assert {"dense-bf16", "bnb-nf4", "ours-hqq4-g64", "torch-int4pack-4bit", "ours-hqq2-g32"} <= set(report["gemv"])
+    assert {"dense-bf16", "ours-dense-bf16", "ours-dense-fp32", "bnb-nf4", "ours-hqq4-g64", "torch-int4pack-4bit", "ours-hqq2-g32"} <= set(report["gemv"])
     assert all(len(r["passes_ms"]) == 3 and r["ms"] > 0 for r in report["gemv"].values())
     assert "quality" not in report and 0 < report["ratios"]["ours4_roofline"]
     assert "ours4_vs_dense" in result.stdout

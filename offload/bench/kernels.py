@@ -1,4 +1,5 @@
-"""Kernel benchmark: quantization error vs hqq, CPU batch-1 GEMV speed, effective bits.
+"""Kernel benchmark: quantization error vs hqq, CPU batch-1 GEMV speed (quantized and dense), a whole MoE
+layer's experts (our fused call vs one expert at a time), effective bits.
 
 Weights are rotated through >= 1 GB so the last-level cache cannot hold them; timings are
 medians of >= 5 passes in one process, next to the measured streaming-read bandwidth. "ours" runs
@@ -13,13 +14,17 @@ from typing import Callable
 
 import torch
 
-from offload.kernels import native, prepare, qmatmul
+import torch.nn.functional as F
+
+from offload.kernels import fused_moe, native, prepare, qmatmul
+from offload.kernels.dense import dense_linear
 from offload.kernels.cpu import Int4PackWeight, TileWeight, int4pack_weight
 from offload.quant import PRESETS, QuantizedTensor, hqq_reference, quantize
 from offload.quant.layout import padded_rows
 from offload.quant.mxfp4 import from_mxfp4
 
 SHAPE = (4096, 14336)
+MOE_SHAPE = (1024, 512, 64, 8)  # OLMoE-1B-7B: hidden, expert width, experts, top-k
 HQQ_SETTINGS = {2: 32, 3: 64, 4: 64}  # bits -> group size, as in the presets
 ROTATE_BYTES = 1 << 30
 
@@ -101,8 +106,11 @@ def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict
         cases[name] = (fn, items)
         res[name] = {"copies": len(items), "bytes_read": bytes_each, "stored_bytes": stored_each}
 
-    add("dense-bf16", lambda w: x @ w.t(), [torch.randn(n, k, dtype=torch.bfloat16)
-                                            for _ in range(_copies(n * k * 2, rotate))], n * k * 2, n * k * 2)
+    for name, dtype, size in (("bf16", torch.bfloat16, 2), ("fp32", torch.float32, 4)):
+        xd = x.to(dtype)
+        dense = [torch.randn(n, k, dtype=dtype) for _ in range(_copies(n * k * size, rotate))]
+        add(f"dense-{name}", lambda w, xd=xd: F.linear(xd, w), dense, n * k * size, n * k * size)
+        add(f"ours-dense-{name}", lambda w, xd=xd: dense_linear(xd, w), dense, n * k * size, n * k * size)
     nf4_one = quantize(torch.randn(n, k), 4, 64, fmt="nf4")
     nf4 = [QuantizedTensor(nf4_one.fmt, nf4_one.shape, nf4_one.params,
                            {a: b.clone() for a, b in nf4_one.tensors.items()})
@@ -131,8 +139,13 @@ def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict
     else:  # dequantized per call: compute-bound, so two copies do
         prepared, read = [prepare(random_mxfp4(shape, seed)) for seed in range(2)], stored.nbytes
     add("ours-mxfp4", lambda p: p.matmul(x), prepared, read, stored.nbytes)
+    return _interleaved(cases, res, runs)
+
+
+def _interleaved(cases: dict[str, tuple[Callable, list]], res: dict[str, dict], runs: int) -> dict[str, dict]:
+    """Time the cases in turns, one pass over its items each per round (round 0 warms up); medians into `res`."""
     passes: dict[str, list[float]] = {name: [] for name in cases}
-    for round_ in range(runs + 1):  # round 0 warms up
+    for round_ in range(runs + 1):
         for name, (fn, items) in cases.items():
             t = time.perf_counter()
             for it in items:
@@ -143,6 +156,62 @@ def speed(shape: tuple[int, int], rotate: int, runs: int, rows: int = 1) -> dict
         median = statistics.median(ms)
         res[name].update(ms=median, passes_ms=ms, gbs=res[name]["bytes_read"] / median / 1e6)
     return res
+
+
+def _expert(form: str, hidden: int, inner: int, seed: int) -> dict:
+    """One expert's gate/up/down in `form` ("bf16" or "hqq4", prepared as the engine prepares them)."""
+    shapes = {"gate": (inner, hidden), "up": (inner, hidden), "down": (hidden, inner)}
+    if form == "bf16":
+        return {name: torch.randn(*s, dtype=torch.bfloat16) / s[1] ** 0.5 for name, s in shapes.items()}
+    return {name: prepare(random_hqq(4, 64, s)) for name, s in shapes.items()}
+
+
+def _project(v: torch.Tensor, w) -> torch.Tensor:
+    return F.linear(v, w) if isinstance(w, torch.Tensor) else qmatmul(v, w)
+
+
+def _per_expert(x: torch.Tensor, experts: list[dict], counts: list[int]) -> torch.Tensor:
+    """The path before the fused call: three products and SwiGLU per expert, F.linear for dense weights."""
+    outputs, start = [], 0
+    for w, n in zip(experts, counts):
+        rows = x[start:start + n]
+        outputs.append(_project(F.silu(_project(rows, w["gate"])) * _project(rows, w["up"]), w["down"]))
+        start += n
+    return torch.cat(outputs)
+
+
+def moe_layer_speed(rows: int, rotate: int, runs: int, shape: tuple[int, int, int, int] = MOE_SHAPE) -> dict:
+    """One MoE layer's experts for `rows` tokens routed top-k at random: our fused call vs the per-expert path
+    before it, per form, side by side; layers rotated through `rotate` bytes. GB/s counts each hit expert's
+    bytes once."""
+    hidden, inner, n_experts, top_k = shape
+    gemv = native.gemv()
+    cases: dict[str, tuple[Callable, list]] = {}
+    res: dict[str, dict] = {}
+    g = torch.Generator().manual_seed(0)
+    for form in ("bf16", "hqq4"):
+        one = _expert(form, hidden, inner, 0)
+        per_expert = sum(_bytes_read(t) if isinstance(t, TileWeight) else t.nbytes for t in one.values())
+        layers = []
+        for layer in range(_copies(per_expert * n_experts, rotate)):
+            experts = [_expert(form, hidden, inner, layer * n_experts + i) for i in range(n_experts)]
+            ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(rows)])
+            hit, counts = torch.unique(ids, return_counts=True)
+            chosen = [experts[i] for i in hit.tolist()]
+            x = torch.randn(int(counts.sum()), hidden, dtype=torch.bfloat16)
+            layers.append((x, chosen, counts.tolist()))
+        read = per_expert * statistics.mean(len(c) for _, c, _ in layers)
+        stored = per_expert * n_experts
+        cases[f"per-expert-{form}"] = (lambda it: _per_expert(*it), layers)
+        res[f"per-expert-{form}"] = {"copies": len(layers), "bytes_read": read, "stored_bytes": stored}
+        if gemv is not None:
+            def fused(it, gemv=gemv):
+                x, chosen, counts = it
+                descs = [fused_moe.descriptor(w, gemv, hidden, inner) for w in chosen]
+                return fused_moe.run(x, descs, counts, inner, False, 1.702, 7.0, gemv)
+            cases[f"ours-fused-{form}"] = (fused, layers)
+            res[f"ours-fused-{form}"] = dict(res[f"per-expert-{form}"])
+    return _interleaved(cases, res, runs)
 
 
 def run(json_out: str | None = None, quick: bool = False, speed_only: bool = False, rows: int = 1) -> dict:
@@ -157,12 +226,20 @@ def run(json_out: str | None = None, quick: bool = False, speed_only: bool = Fal
               "cpu_path": gemv.isa if gemv else "portable",
               "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "stream_read_gbs": stream_bandwidth_gbs(4 * rotate if not quick else rotate),
-              "gemv": speed(gemv_shape, rotate, runs, rows)}
+              "gemv": speed(gemv_shape, rotate, runs, rows),
+              "moe_shape": list(MOE_SHAPE[:2] if not quick else (256, 128)) + list(MOE_SHAPE[2:]),
+              "moe_layer": moe_layer_speed(rows, rotate, runs, MOE_SHAPE if not quick else (256, 128, 64, 8))}
     g = result["gemv"]
     base = g["ours-hqq4-g64"]["ms"]
     result["ratios"] = {"ours4_vs_nf4": base / g["bnb-nf4"]["ms"], "ours4_vs_dense": base / g["dense-bf16"]["ms"],
                         "ours2_vs_ours4": g["ours-hqq2-g32"]["ms"] / base, "ours3_vs_ours4": g["ours-hqq3-g64"]["ms"] / base,
-                        "ours4_roofline": g["ours-hqq4-g64"]["gbs"] / result["stream_read_gbs"]}
+                        "ours4_roofline": g["ours-hqq4-g64"]["gbs"] / result["stream_read_gbs"],
+                        "dense_bf16_ours_vs_torch": g["ours-dense-bf16"]["ms"] / g["dense-bf16"]["ms"],
+                        "dense_bf16_roofline": g["ours-dense-bf16"]["gbs"] / result["stream_read_gbs"]}
+    for form in ("bf16", "hqq4"):
+        if f"ours-fused-{form}" in result["moe_layer"]:
+            result["ratios"][f"moe_{form}_fused_vs_per_expert"] = (result["moe_layer"][f"ours-fused-{form}"]["ms"]
+                                                                    / result["moe_layer"][f"per-expert-{form}"]["ms"])
     if not speed_only:
         result["quality_shape"] = list(shape)
         result["quality"] = quality(shape)
@@ -198,6 +275,13 @@ def _print(result: dict) -> None:
     for name, r in result["gemv"].items():
         t.add_row(name, f"{r['ms']:.2f}", f"{r['gbs']:.1f}", f"{r['stored_bytes'] / 1e6:.1f}",
                   f"{r['prepare_ms']:.0f}" if "prepare_ms" in r else "", str(r["copies"]))
+    console.print(t)
+    h, f, e, k = result["moe_shape"]
+    t = Table(title=f"One MoE layer, {result['rows']} token(s), hidden {h}, expert width {f}, {e} experts top-{k}")
+    for c in ("path", "ms (median)", "GB/s read", "copies"):
+        t.add_column(c)
+    for name, r in result["moe_layer"].items():
+        t.add_row(name, f"{r['ms']:.3f}", f"{r['gbs']:.1f}", str(r["copies"]))
     console.print(t)
     console.print("ratios: " + json.dumps({k: round(v, 3) for k, v in result["ratios"].items()}))
     for name, roles in result.get("preset_bits_per_param", {}).items():

@@ -10,6 +10,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload.kernels import fused_moe, native
+from offload.kernels.dense import linear_fp32
+
 from ..spec import ExpertSpec, RouterSpec
 from .linear import linear
 
@@ -22,14 +25,14 @@ GROUPED_MAX_BYTES = {"cuda": 256 << 20}
 def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] -> (weights [N, k] fp32, expert ids [N, k])."""
     if r.scoring == "softmax_topk_first":  # gpt-oss: top-k of the biased logits, softmax over those k
-        logits = F.linear(x, w["weight"], w.get("bias"))
+        logits = linear(x, w["weight"], w.get("bias"))
         top, ids = torch.topk(logits, r.top_k, dim=-1)
         return torch.softmax(top, dim=-1).float(), ids
     if r.scoring == "softmax":
-        probs = torch.softmax(F.linear(x, w["weight"]).float(), dim=-1)
+        probs = torch.softmax(linear(x, w["weight"]).float(), dim=-1)
         top, ids = torch.topk(probs, r.top_k, dim=-1)
     else:  # sigmoid scores; the correction bias steers the choice but not the weights
-        scores = F.linear(x.float(), w["weight"].float()).sigmoid()
+        scores = linear_fp32(x, w["weight"]).sigmoid()
         choice = scores + w["correction_bias"].float() if "correction_bias" in w else scores
         choice = _mask_groups(choice, r) if r.n_group > 1 else choice
         ids = torch.topk(choice, r.top_k, dim=-1, sorted=False)[1]
@@ -126,26 +129,52 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
         else:
             where = order[[i for ex, _ in batch for i in range(spans[ex].start, spans[ex].stop)]]
         counts = [spans[ex].stop - spans[ex].start for ex, _ in batch]
-        pairs[where] = _run_batch(flat[where // ids.shape[1]], [w for _, w in batch], counts, e, ids.numel())
+        pairs[where] = _run_batch(flat[where // ids.shape[1]], [w for _, w in batch], counts, e, ids.shape)
     out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
     return out.to(flat.dtype).view_as(x)
 
 
 def _run_batch(x: torch.Tensor, experts: list[dict[str, torch.Tensor]], counts: list[int], e: ExpertSpec,
-               layer_pairs: int) -> torch.Tensor:
-    """x [P, H]: rows grouped by expert, counts[i] rows for experts[i]. Small dense experts on the compute
-    device run as one grouped product, others one by one (a miss may run on the host where it lives). The
-    choice depends on the layer's pair count, not on how the provider batched its experts, so resident and
-    offloaded runs compute every pair the same way."""
+               routed: torch.Size) -> torch.Tensor:
+    """x [P, H]: rows grouped by expert, counts[i] rows for experts[i]; routed: the layer's [tokens, k].
+    Small dense experts on the compute device run as one grouped product; at decode sizes every expert whose
+    weights are on the CPU in a form our kernel reads runs in one native call; others one by one (a miss may
+    run on the host where it lives). Each choice depends on the layer's routing and the expert's own weights,
+    not on how the provider batched its experts, so resident and offloaded runs compute every pair the same way."""
+    layer_pairs = routed.numel()
     limit = GROUPED_MAX_BYTES.get(x.device.type, 0)
     if limit and all(_groupable(w, x.device) for w in experts) and layer_pairs * _nbytes(experts[0]) <= limit:
         return grouped_expert_mlp(x, [w for w, n in zip(experts, counts) for _ in range(n)], e, layer_pairs)
-    outputs, start = [], 0
-    for w, n in zip(experts, counts):
+    starts = list(itertools.accumulate(counts, initial=0))
+    fused = _fused_rows(x, experts, counts, starts, e) if routed[0] <= fused_moe.MAX_TOKENS else {}
+    outputs = []
+    for i, (w, n) in enumerate(zip(experts, counts)):
+        if i in fused:
+            outputs.append(fused[i])
+            continue
         where = getattr(w["down"], "device", x.device)
-        outputs.append(expert_mlp(x[start:start + n].to(where), w, e).to(x.device))
-        start += n
+        outputs.append(expert_mlp(x[starts[i]:starts[i] + n].to(where), w, e).to(x.device))
     return torch.cat(outputs)
+
+
+def _fused_rows(x: torch.Tensor, experts: list[dict], counts: list[int], starts: list[int],
+                e: ExpertSpec) -> dict[int, torch.Tensor]:
+    """Outputs [counts[i], H] (x's dtype and device) of the experts our fused CPU kernel serves, by index."""
+    gemv = native.gemv()
+    if gemv is None:
+        return {}
+    hidden = x.shape[1]
+    found = [(i, d) for i, w in enumerate(experts)
+             if (d := fused_moe.descriptor(w, gemv, hidden, e.intermediate_size)) is not None]
+    if not found:
+        return {}
+    if len(found) == len(experts):
+        rows = x
+    else:
+        rows = torch.cat([x[starts[i]:starts[i] + counts[i]] for i, _ in found])
+    out = fused_moe.run(rows.to("cpu"), [d for _, d in found], [counts[i] for i, _ in found], e.intermediate_size,
+                        e.activation == "swiglu_clamp", e.alpha, e.limit, gemv).to(x.device, x.dtype)
+    return dict(zip((i for i, _ in found), out.split([counts[i] for i, _ in found])))
 
 
 def _groupable(w: dict, device: torch.device) -> bool:
