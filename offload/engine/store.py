@@ -109,11 +109,16 @@ class HostStore:
                     "tensors would be mixed up: re-convert the checkpoint with offload-convert (experts packed by "
                     "hand need the same tensors, dtypes and shapes)")
 
+    @staticmethod
+    def blob(expert: ExpertWeights, pin: bool = False) -> torch.Tensor:
+        """One expert's tensors packed into its blob (pinned when asked and allowed)."""
+        blob = pack_expert(expert)
+        return _pin(blob) if pin else blob
+
     @classmethod
     def pack(cls, experts: dict[tuple[int, int], ExpertWeights], pin: bool = False) -> "HostStore":
         """Pack each expert's tensors into one blob (pinned on CUDA machines when allowed)."""
-        blobs = {key: pack_expert(experts[key]) for key in sorted(experts)}
-        return cls({key: _pin(b) for key, b in blobs.items()} if pin else blobs, pin)
+        return cls({key: cls.blob(experts[key], pin) for key in sorted(experts)}, pin)
 
     def check(self) -> None:
         """Raise if the file the blobs are mapped from changed since it was opened (blobs in memory: never)."""
