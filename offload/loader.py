@@ -15,12 +15,14 @@ from .archs import read_spec
 from .archs.base import ReadTensor
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
+from .memory import Trimmer
 from .spec import ModelSpec
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): reported during the slow stages of a load
 
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(\w+)")
 FP32_ALWAYS = ("router.correction_bias",)  # selection-only bias: transformers keeps it in fp32 too
+QUANTIZE_GARBAGE = 4  # hqq's optimizer frees a few fp32 temporaries of each weight it quantizes (Trimmer)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the model can compute in
 
 
@@ -103,11 +105,11 @@ def _expert_roles(spec: ModelSpec) -> dict[tuple[int, int], set[str]]:
 def streamed_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
                      keep_quantized: bool = False, quantize: Quantizer | None = None,
                      progress: Progress | None = None, stage: str = "reading weights") -> Iterator[tuple]:
-    """("dense" | "mtp", name, tensor) as each is read, and ("expert", (layer, expert), {matrix: tensor}) once all
+    """("dense", name, tensor) and ("mtp", name, tensor as read) as each is read, and ("expert", (layer, expert), {matrix: tensor}) once all
     of an expert's matrices are, each converted (and quantized) as it arrives: a load holds what it keeps plus
     one checkpoint tensor and one expert, never a 16-bit copy of a model it keeps quantized. Raises
     CheckpointError at the end when a tensor config.json requires is missing (progress: per checkpoint tensor)."""
-    roles, partial, seen = _expert_roles(spec), {}, set()
+    roles, partial, seen, trimmer = _expert_roles(spec), {}, set(), Trimmer()
     with TensorStream(path) as stream:  # closes the shards even when a check below raises
         def reported() -> Iterator[tuple[Path, str]]:
             for done, item in enumerate(stream):
@@ -116,11 +118,12 @@ def streamed_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, d
                 yield item
 
         for _, _, canonical, tensor in converted(reported(), stream.read, spec, adapter, path):
-            if canonical.startswith("mtp."):
-                yield "mtp", canonical[4:], tensor.to(device=device, dtype=dtype)
+            if canonical.startswith("mtp."):  # as read: the loader and the converter store them differently
+                yield "mtp", canonical[4:], tensor
                 continue
             target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
             tensor = place(tensor, target, device, keep_quantized)
+            trimmer.read(tensor.nbytes * (QUANTIZE_GARBAGE if quantize is not None else 1))
             if quantize is not None:
                 tensor = quantize(canonical, tensor)
             seen.add(canonical)
@@ -151,8 +154,10 @@ def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, devic
                                              progress, stage):
         if kind == "expert":
             out.experts[key] = expert_form(value) if expert_form else value
+        elif kind == "mtp":
+            out.mtp[key] = value.to(device=device, dtype=dtype)
         else:
-            (out.mtp if kind == "mtp" else out.dense)[key] = value
+            out.dense[key] = value
     return out
 
 

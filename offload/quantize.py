@@ -8,7 +8,7 @@ import re
 import torch
 
 from offload.kernels import prepare
-from offload.quant import QuantizedTensor, get_preset
+from offload.quant import Preset, QuantizedTensor, QuantSpec, get_preset
 
 from .loader import Quantizer
 
@@ -17,16 +17,20 @@ ROLES = [(re.compile(r"layers\.\d+\.attn\.[qkvo]"), "attention"), (re.compile(r"
          (re.compile(r"layers\.\d+\.experts\.\d+\.(gate|up|down)"), "expert")]
 
 
+def role_spec(preset: Preset, name: str) -> QuantSpec | None:
+    """How the preset stores the weight of canonical `name`, or None for a weight no preset quantizes."""
+    role = next((r for pattern, r in ROLES if pattern.fullmatch(name)), None)
+    return None if role is None else preset.spec(role)
+
+
 def quantizer(preset_name: str) -> Quantizer:
     """(canonical name, weight) -> the weight as the preset stores its role, for the loader to apply to each
     tensor as it is read (offload.loader.streamed_weights)."""
     preset = get_preset(preset_name)
 
     def quantize(name: str, weight):
-        role = next((r for pattern, r in ROLES if pattern.fullmatch(name)), None)
-        if role is None or isinstance(weight, QuantizedTensor):
-            return weight
-        return preset.spec(role).quantize(weight, name=name)
+        spec = role_spec(preset, name)
+        return weight if spec is None or isinstance(weight, QuantizedTensor) else spec.quantize(weight, name=name)
 
     return quantize
 

@@ -52,6 +52,9 @@ class BlobSource(Protocol):
     def check(self) -> None:
         """Raise if the blobs may have changed since they were opened."""
 
+    def release(self, blob: torch.Tensor) -> None:
+        """`blob` was copied and will not be read again: its pages need not stay in this process."""
+
 
 class _VerifiedBlobs(MutableMapping):
     """(layer, expert) -> blob, each verified by its source when first handed out: checking every blob at load
@@ -128,7 +131,13 @@ class HostStore:
     def copies(self, device: torch.device) -> dict[tuple[int, int], ExpertWeights]:
         """Every expert's tensors on `device` in memory of their own (one verified blob copy each), for a model
         that keeps all experts resident: nothing it computes with is a view of a file that may change."""
-        return {key: self.view(self.blobs[key].to(device, copy=True)) for key in self.blobs}
+        out = {}
+        for key in self.blobs:  # one at a time: a mapped blob's pages are released once copied
+            blob = self.blobs[key]
+            out[key] = self.view(blob.to(device, copy=True))
+            if self.source is not None:
+                self.source.release(blob)
+        return out
 
     def new_blob(self) -> torch.Tensor:
         """Host memory for one expert coming back from the device (exclusive placement)."""
