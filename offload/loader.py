@@ -105,10 +105,11 @@ def _expert_roles(spec: ModelSpec) -> dict[tuple[int, int], set[str]]:
 def streamed_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
                      keep_quantized: bool = False, quantize: Quantizer | None = None,
                      progress: Progress | None = None, stage: str = "reading weights") -> Iterator[tuple]:
-    """("dense", name, tensor) and ("mtp", name, tensor as read) as each is read, and ("expert", (layer, expert), {matrix: tensor}) once all
-    of an expert's matrices are, each converted (and quantized) as it arrives: a load holds what it keeps plus
-    one checkpoint tensor and one expert, never a 16-bit copy of a model it keeps quantized. Raises
-    CheckpointError at the end when a tensor config.json requires is missing (progress: per checkpoint tensor)."""
+    """("dense", name, tensor) and ("mtp", name, tensor as read) as each is read, and ("expert", (layer, expert),
+    {matrix: tensor}) once all of an expert's matrices are, each converted (and quantized) as it arrives: a load
+    holds what it keeps plus one checkpoint tensor and one expert, never a 16-bit copy of a model it keeps
+    quantized; the heap is trimmed as it goes (offload.memory.Trimmer). Raises CheckpointError at the end when a
+    tensor config.json requires is missing (progress: per checkpoint tensor)."""
     roles, partial, seen, trimmer = _expert_roles(spec), {}, set(), Trimmer()
     with TensorStream(path) as stream:  # closes the shards even when a check below raises
         def reported() -> Iterator[tuple[Path, str]]:

@@ -268,8 +268,8 @@ def _read_meta(file: Path) -> dict:
             and _uint(meta.get("dense_crc32"))
             and isinstance(experts, dict) and all(isinstance(v, list) and len(v) == 3 and all(map(_uint, v))
                                                   for v in experts.values())):
-        raise CheckpointError(f"{file} is malformed (it needs dtype, quant (null or a preset), bytes, dense_crc32 and experts: "
-                              f"\"layer/expert\" -> [offset, size, crc32]); {RECONVERT}")
+        raise CheckpointError(f"{file} is malformed (it needs dtype, quant (null or a preset), bytes, dense_crc32 and "
+                              f"experts: \"layer/expert\" -> [offset, size, crc32]); {RECONVERT}")
     return meta
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from offload.kernels import prepare
 from offload.quant import Preset, QuantizedTensor, QuantSpec, get_preset
 

@@ -22,14 +22,14 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("options", [{}, {"quant": "a4e2"}, {"cache_experts": 16},
                                      {"cache_experts": 16, "quant": "a4e4"}], ids=str)
 def test_peak_rss_of_a_load_is_within_bound(checkpoint, options):
-    result = measure(checkpoint, options)
+    result = measure(checkpoint, options, threads=1)  # hqq on 2 threads crawls on a busy 2-core machine
     assert result["steady"] - result["base"] > 100e6, result  # the model, not noise, is what is measured
     assert result["ratio"] <= TARGET_RATIO, result
 
 
 def test_peak_rss_of_a_packed_quantized_load_is_within_bound(checkpoint, tmp_path):
     packed = convert(checkpoint, tmp_path / "packed", quant="a4e2")
-    result = measure(packed, {})
+    result = measure(packed, {}, threads=1)
     assert result["ratio"] <= TARGET_RATIO, result
 
 
