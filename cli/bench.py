@@ -116,6 +116,19 @@ def startup(venv: Path | None = typer.Option(None, help="A venv with moe-offload
 
 
 @app.command()
+def load(model: Path | None = typer.Option(None, help="Checkpoint dir (default: e2e's generated OLMoE-shaped one)."),
+         packed: Path | None = typer.Option(None, help="Its offload-convert --quant a4e2 output, for the packed rows."),
+         runs: int = typer.Option(3, min=1), cached: int = typer.Option(16, min=1, help="Expert slots per layer."),
+         threads: int = typer.Option(2, min=1), only: list[str] = typer.Option([], help="Setups whose name has this."),
+         json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """offload.load in fresh processes: load time, peak and steady RSS (resident/offloaded, bf16/4-bit, packed)."""
+    from offload.bench.e2e import DEFAULT_DIR, make_checkpoint
+    from offload.bench.load import run
+
+    run(make_checkpoint(model or DEFAULT_DIR), packed, runs, cached, threads, only, json_out)
+
+
+@app.command()
 def fuzz(target: list[str] = typer.Option(["all"], help="Fuzz target (repeatable): safetensors, index, packed, "
                                                         "any registered one, or all."),
          cases: int = typer.Option(100_000, min=1, help="Cases in all, shared evenly by the targets."),

@@ -15,12 +15,14 @@ from .archs import read_spec
 from .archs.base import ReadTensor
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
+from .memory import Trimmer
 from .spec import ModelSpec
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): reported during the slow stages of a load
 
 EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(\w+)")
 FP32_ALWAYS = ("router.correction_bias",)  # selection-only bias: transformers keeps it in fp32 too
+QUANTIZE_GARBAGE = 4  # hqq's optimizer frees a few fp32 temporaries of each weight it quantizes (Trimmer)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the model can compute in
 
 
@@ -38,7 +40,7 @@ class LoadedWeights:
 
     def __init__(self) -> None:
         self.dense: dict[str, torch.Tensor] = {}
-        self.experts: dict[tuple[int, int], dict[str, torch.Tensor]] = defaultdict(dict)
+        self.experts: dict[tuple[int, int], object] = {}  # {matrix: tensor}, or the form load_weights was asked for
         self.mtp: dict[str, torch.Tensor] = {}
 
 
@@ -88,36 +90,75 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
             "re-export config.json and the weights together")
 
 
-def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
-                 keep_quantized: bool = False, progress: Progress | None = None) -> LoadedWeights:
-    """Stream, convert and check every tensor (progress: per checkpoint tensor)."""
-    out = LoadedWeights()
-    seen: set[str] = set()
+Quantizer = Callable[[str, object], object]  # (canonical name, placed tensor) -> what the model keeps
+
+
+def _expert_roles(spec: ModelSpec) -> dict[tuple[int, int], set[str]]:
+    """(layer, expert) -> the matrices that complete it."""
+    roles: dict[tuple[int, int], set[str]] = defaultdict(set)
+    for name in spec.expected_shapes():
+        if m := EXPERT.fullmatch(name):
+            roles[int(m[1]), int(m[2])].add(m[3])
+    return roles
+
+
+def streamed_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
+                     keep_quantized: bool = False, quantize: Quantizer | None = None,
+                     progress: Progress | None = None, stage: str = "reading weights") -> Iterator[tuple]:
+    """("dense", name, tensor) and ("mtp", name, tensor as read) as each is read, and ("expert", (layer, expert),
+    {matrix: tensor}) once all of an expert's matrices are, each converted (and quantized) as it arrives: a load
+    holds what it keeps plus one checkpoint tensor and one expert, never a 16-bit copy of a model it keeps
+    quantized; the heap is trimmed as it goes (offload.memory.Trimmer). Raises CheckpointError at the end when a
+    tensor config.json requires is missing (progress: per checkpoint tensor)."""
+    roles, partial, seen, trimmer = _expert_roles(spec), {}, set(), Trimmer()
     with TensorStream(path) as stream:  # closes the shards even when a check below raises
         def reported() -> Iterator[tuple[Path, str]]:
             for done, item in enumerate(stream):
                 if progress:
-                    progress("reading weights", done, len(stream))
+                    progress(stage, done, len(stream))
                 yield item
 
         for _, _, canonical, tensor in converted(reported(), stream.read, spec, adapter, path):
-            if canonical.startswith("mtp."):
-                out.mtp[canonical[4:]] = tensor.to(device=device, dtype=dtype)
+            if canonical.startswith("mtp."):  # as read: the loader and the converter store them differently
+                yield "mtp", canonical[4:], tensor
                 continue
             target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
             tensor = place(tensor, target, device, keep_quantized)
+            trimmer.read(tensor.nbytes * (QUANTIZE_GARBAGE if quantize is not None else 1))
+            if quantize is not None:
+                tensor = quantize(canonical, tensor)
             seen.add(canonical)
-            if m := EXPERT.fullmatch(canonical):
-                out.experts[int(m[1]), int(m[2])][m[3]] = tensor
-            else:
-                out.dense[canonical] = tensor
+            if not (m := EXPERT.fullmatch(canonical)):
+                yield "dense", canonical, tensor
+                continue
+            key = (int(m[1]), int(m[2]))
+            partial.setdefault(key, {})[m[3]] = tensor
+            if set(partial[key]) == roles[key]:
+                yield "expert", key, partial.pop(key)
         if progress:
-            progress("reading weights", len(stream), len(stream))
+            progress(stage, len(stream), len(stream))
     missing = [k for k in spec.expected_shapes() if k not in seen]
     if missing:
         raise CheckpointError(
             f"{path}: checkpoint lacks {len(missing)} tensor(s) config.json requires, e.g. {missing[:3]}; "
             "a shard is missing or the checkpoint belongs to another config: re-download it")
+
+
+def load_weights(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, device: torch.device,
+                 keep_quantized: bool = False, progress: Progress | None = None, quantize: Quantizer | None = None,
+                 stage: str = "reading weights", expert_form: Callable[[dict], object] | None = None
+                 ) -> LoadedWeights:
+    """Every weight, streamed (streamed_weights); each expert kept as `expert_form` makes it (e.g. one packed blob
+    for the host store: packed as it completes, so its separate tensors are never all held with the blobs)."""
+    out = LoadedWeights()
+    for kind, key, value in streamed_weights(path, spec, adapter, dtype, device, keep_quantized, quantize,
+                                             progress, stage):
+        if kind == "expert":
+            out.experts[key] = expert_form(value) if expert_form else value
+        elif kind == "mtp":
+            out.mtp[key] = value.to(device=device, dtype=dtype)
+        else:
+            out.dense[key] = value
     return out
 
 

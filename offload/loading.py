@@ -19,7 +19,8 @@ from .loader import COMPUTE_DTYPES, Progress, checkpoint_dtype, load_spec, load_
 from .model.decoder import Decoder
 from .model.predictor import load as load_predictors
 from .packed import is_packed, open_packed
-from .quantize import prepared, quantize_weights
+from .memory import release_freed
+from .quantize import prepared, quantizer
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -103,19 +104,23 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
         dtype, dense, mtp, store = packed.dtype, packed.dense, packed.mtp, packed.store
     else:
         dtype = dtype or checkpoint_dtype(config)
+        pin = offloaded and dev.type == "cuda"
         weights = load_weights(path, spec, adapter, dtype, torch.device("cpu") if offloaded else dev,
-                               keep_quantized=quant is not None, progress=progress)
-        dense, mtp, resident = weights.dense, weights.mtp, weights.experts
-        if quant is not None:
-            quantize_weights(dense, resident, quant, progress)
+                               keep_quantized=quant is not None, progress=progress,
+                               quantize=quantizer(quant) if quant else None,
+                               stage=f"reading and quantizing ({quant})" if quant else "reading weights",
+                               expert_form=(lambda w: HostStore.blob(w, pin)) if offloaded else None)
+        dense, mtp = weights.dense, weights.mtp
+        if offloaded:
+            store = HostStore(dict(sorted(weights.experts.items())), pin)
+        else:
+            resident = weights.experts
     model_plan = None
     if not offloaded:
         if resident is None:
             resident = store.copies(dev)
         experts = ResidentExperts({key: prepared(w) for key, w in resident.items()})
     else:
-        store = store or HostStore.pack(resident, pin=dev.type == "cuda")
-        resident = None  # the host store holds the experts now
         if cache_experts == "auto":
             model_plan = plan(spec, sum(t.nbytes for t in dense.values()), store.blob_bytes, dev, dtype.itemsize,
                               context, free_device=memory_budget)
@@ -123,9 +128,10 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
             placement = model_plan.placement if placement == "auto" else placement
         if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
             raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
+        placement = "exclusive" if placement == "exclusive" else "inclusive"
         experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
-                                   policy, miss_policy, "exclusive" if placement == "exclusive" else "inclusive",
-                                   spec.router.top_k)
+                                   policy, miss_policy, placement, spec.router.top_k,
+                                   alias=dev.type == "cpu" and placement == "inclusive")
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype)
     if offloaded and prefetch:
         decoder.hooks.append(Prefetcher(decoder, prefetch, predict_from=predict_from,
@@ -134,4 +140,5 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
         decoder.hooks.append(recorder)
     model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})
     model.plan = model_plan
+    release_freed()  # what the load freed (16-bit weights it quantized, read buffers) goes back to the OS
     return model

@@ -7,6 +7,7 @@ its first use, and the expert file against the size and times it had when opened
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -18,18 +19,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from offload.quant.pack import pack_expert, read_index
+from offload.quant import PRESETS, QuantizedTensor, get_preset
+from offload.quant.pack import pack_expert, read_index, unpack_expert
 
-from .checkpoint import TensorStream, open_shard, reason, regular_file
+from .checkpoint import open_shard, reason, regular_file
 from .engine.store import HostStore
 from .errors import CheckpointError, OffloadError
-from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, converted, load_spec, place
+from .loader import EXPERT, FP32_ALWAYS, checkpoint_dtype, load_spec, place, streamed_weights
 from .model.predictor import FILENAME as PREDICTOR
+from .quantize import quantizer, role_spec
 from .spec import ModelSpec
 
 FORMAT = 2  # 1 had no checksums: refused, re-convert
@@ -41,6 +43,7 @@ SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 STAGING = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # the hidden folder a convert writes in, beside its destination
 LOCK = ".offload-convert.lock"  # in that folder, locked (flock) by the convert writing it for as long as it runs
 RECONVERT = "re-convert the model with offload-convert"
+QUANTIZED_KEY, QUANTIZED_ENTRY = "quantized", "weight"  # dense.safetensors metadata: names stored as blobs
 
 
 def is_packed(path: Path) -> bool:
@@ -63,8 +66,12 @@ def file_crc(file: Path) -> int:
 
 # ---- writing ----
 
-def convert(source: str | Path, dest: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Stream a checkpoint into the packed layout, written in a hidden folder beside `dest`, then renamed."""
+def convert(source: str | Path, dest: str | Path, dtype: torch.dtype | None = None, quant: str | None = None) -> Path:
+    """Stream a checkpoint into the packed layout, written in a hidden folder beside `dest`, then renamed; quant: a
+    preset of offload.quant.PRESETS applied as each tensor is read (a quantized model then loads without
+    quantizing: the slow part of a `quant=` load is done once, here)."""
+    if quant is not None:
+        get_preset(quant)  # an unknown name fails before anything is read
     path, config, spec, adapter = load_spec(source)
     dtype = dtype or checkpoint_dtype(config)
     dest = Path(dest)
@@ -77,7 +84,7 @@ def convert(source: str | Path, dest: str | Path, dtype: torch.dtype | None = No
     with _staging(dest) as tmp:
         for file in sidecars:
             shutil.copyfile(file, tmp / file.name)  # contents only: a new file's mode, as the others
-        _write(path, spec, adapter, dtype, tmp)
+        _write(path, spec, adapter, dtype, tmp, quant)
     return dest
 
 
@@ -135,25 +142,17 @@ def _staging(dest: Path) -> Iterator[Path]:
         raise
 
 
-def _write(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, out: Path) -> None:
+def _write(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, out: Path, quant: str | None) -> None:
     """experts.bin (an expert packed and written as soon as all its tensors are read), dense.safetensors (the
-    other tensors, MTP layers included), experts.json."""
-    roles_per_expert = {}
-    for name in spec.expected_shapes():
-        if m := EXPERT.fullmatch(name):
-            roles_per_expert.setdefault((int(m[1]), int(m[2])), set()).add(m[3])
-    dense, partial, index, offset = {}, {}, {}, 0
-    with TensorStream(path) as stream, open(out / BLOBS, "wb") as blobs:
-        for _, _, canonical, tensor in converted(stream, stream.read, spec, adapter, path):
-            target = torch.float32 if canonical.endswith(FP32_ALWAYS) else dtype
-            tensor = place(tensor, target, torch.device("cpu"), keep_quantized=False)
-            if not (m := EXPERT.fullmatch(canonical)):
-                dense[canonical] = tensor.contiguous()
-                continue
-            key = (int(m[1]), int(m[2]))
-            partial.setdefault(key, {})[m[3]] = tensor
-            if set(partial[key]) == roles_per_expert[key]:  # complete: pack it and free it
-                blob = pack_expert(partial.pop(key)).numpy()
+    other tensors, MTP layers included; a quantized one as a one-entry blob, listed in its metadata), experts.json."""
+    dense, index, offset = {}, {}, 0
+    quantized = []  # dense weights stored as blobs
+    with open(out / BLOBS, "wb") as blobs:
+        for kind, key, value in streamed_weights(path, spec, adapter, dtype, torch.device("cpu"),
+                                                 keep_quantized=quant is not None,
+                                                 quantize=quantizer(quant) if quant else None):
+            if kind == "expert":
+                blob = pack_expert(value).numpy()
                 name = f"{key[0]}/{key[1]}"
                 index[name] = [offset, blob.size, blob_crc(name, blob)]
                 blobs.write(blob)
@@ -161,15 +160,18 @@ def _write(path: Path, spec: ModelSpec, adapter, dtype: torch.dtype, out: Path) 
                 pad = -offset % PAGE
                 blobs.write(bytes(pad))
                 offset += pad
-    missing = [k for k in spec.expected_shapes() if not EXPERT.fullmatch(k) and k not in dense]
-    missing += sorted(map(str, partial))
-    if missing or len(index) != len(roles_per_expert):
-        raise CheckpointError(f"{path}: checkpoint lacks tensors config.json requires, e.g. {missing[:3]}; "
-                              "re-download it")
-    save_file(dense, out / DENSE, metadata={"format": "pt"})
+                continue
+            if kind == "mtp":
+                key = "mtp." + key
+                value = place(value, torch.float32 if key.endswith(FP32_ALWAYS) else dtype, value.device, False)
+            if isinstance(value, QuantizedTensor):
+                quantized.append(key)
+                value = pack_expert({QUANTIZED_ENTRY: value})
+            dense[key] = value.contiguous()
+    save_file(dense, out / DENSE, metadata={"format": "pt", QUANTIZED_KEY: json.dumps(quantized)})
     shutil.copymode(out / BLOBS, out / DENSE)  # save_file creates its file 0600
     (out / INDEX).write_text(json.dumps({"format": FORMAT, "dtype": str(dtype).removeprefix("torch."),
-                                         "bytes": offset, "dense_crc32": file_crc(out / DENSE),
+                                         "quant": quant, "bytes": offset, "dense_crc32": file_crc(out / DENSE),
                                          "experts": index}))
 
 
@@ -197,9 +199,10 @@ class ExpertFile:
         if self.opened.st_size != meta["bytes"]:
             raise CheckpointError(f"{file} is {self.opened.st_size} bytes, but {INDEX} says {meta['bytes']}: the "
                                   f"file was truncated or modified; {RECONVERT}")
+        self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
         with warnings.catch_warnings():  # read-only mapping: we never write through these views
             warnings.simplefilter("ignore", UserWarning)
-            self.mapped = torch.from_numpy(np.memmap(self._handle, dtype=np.uint8, mode="r"))
+            self.mapped = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def _identity(self, st: os.stat_result) -> tuple[int, int, int]:
         return st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -211,6 +214,14 @@ class ExpertFile:
                 f"{self.file} changed on disk while the model was using it ({self.opened.st_size} -> {now.st_size} "
                 "bytes); load the model again. To update a packed model in use, convert to a new directory and "
                 "rename it into place")
+
+    def release(self, blob: torch.Tensor) -> None:
+        """Drop the pages of `blob` (a view of the mapping) from this process once it was copied: the page cache
+        keeps them, but they no longer count against the process as a second copy of the expert."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: no madvise
+            return
+        start = blob.data_ptr() - self.mapped.data_ptr()
+        self._map.madvise(mmap.MADV_DONTNEED, start - start % PAGE, start % PAGE + blob.numel())
 
     def verify(self, key: tuple[int, int], blob: torch.Tensor) -> None:
         name = f"{key[0]}/{key[1]}"
@@ -253,11 +264,12 @@ def _read_meta(file: Path) -> dict:
         raise CheckpointError(f"{file}: packed format {version!r} is not one this version reads ({FORMAT}); "
                               f"{RECONVERT} of this version, or update moe-offload")
     experts = meta.get("experts")
-    if not (meta.get("dtype") in DTYPES and _uint(meta.get("bytes")) and _uint(meta.get("dense_crc32"))
+    if not (meta.get("dtype") in DTYPES and meta.get("quant") in (None, *PRESETS) and _uint(meta.get("bytes"))
+            and _uint(meta.get("dense_crc32"))
             and isinstance(experts, dict) and all(isinstance(v, list) and len(v) == 3 and all(map(_uint, v))
                                                   for v in experts.values())):
-        raise CheckpointError(f"{file} is malformed (it needs dtype, bytes, dense_crc32 and experts: "
-                              f"\"layer/expert\" -> [offset, size, crc32]); {RECONVERT}")
+        raise CheckpointError(f"{file} is malformed (it needs dtype, quant (null or a preset), bytes, dense_crc32 and "
+                              f"experts: \"layer/expert\" -> [offset, size, crc32]); {RECONVERT}")
     return meta
 
 
@@ -290,14 +302,43 @@ def _blob_views(experts: ExpertFile, meta: dict, spec: ModelSpec) -> dict[tuple[
         raise CheckpointError(f"{file.with_name(INDEX)}: blob sizes {sorted(size)[:3]} differ from the "
                               f"{layout['size']} bytes of the experts' layout; {RECONVERT}")
     prefix = f"layers.{layer}.experts.{expert}."
-    implied = {k[len(prefix):]: ("dense", meta["dtype"], list(s)) for k, s in spec.expected_shapes().items()
+    implied = {k[len(prefix):]: _implied(k, s, meta) for k, s in spec.expected_shapes().items()
                if k.startswith(prefix)}
-    stored = {name: (e["fmt"], e["tensors"].get("data", [None])[0], e["shape"])
-              for name, e in layout["entries"].items()}
-    if stored != implied:
+    stored = {name: (e["fmt"], e["tensors"].get("data", [None])[0], e["shape"], e["params"].get("bits"),
+                     e["params"].get("group_size")) for name, e in layout["entries"].items()}
+    if not all(_matches(stored.get(name), want) for name, want in implied.items()) or set(stored) != set(implied):
         raise CheckpointError(f"{file}: the experts hold {stored}, but config.json and {INDEX} imply {implied}; "
                               f"{RECONVERT}")
     return views
+
+
+def _implied(name: str, shape: tuple[int, ...], meta: dict) -> tuple:
+    """(format, dtype of dense data, shape, bits, group size) a weight of the model is stored as."""
+    how = role_spec(get_preset(meta["quant"]), name) if meta.get("quant") else None
+    if how is None or how.fmt == "none":
+        return "dense", "float32" if name.endswith(FP32_ALWAYS) else meta["dtype"], list(shape), None, None
+    return how.fmt, None, list(shape), how.bits, how.group_size
+
+
+def _matches(stored: tuple | None, implied: tuple) -> bool:
+    """Stored as implied; a weight that arrived quantized (gpt-oss MXFP4) is kept as it came by a preset."""
+    return stored == implied or (stored is not None and stored[0] == "mxfp4" and implied[0] != "dense"
+                                 and stored[2] == implied[2])
+
+
+def _quantized(name: str, blob: torch.Tensor, file: Path, implied: tuple) -> QuantizedTensor:
+    """A quantized dense weight from its one-entry blob, laid out as the preset implies."""
+    try:
+        entries = unpack_expert(blob)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: tensor {name!r} is not a quantized weight: {e}; {RECONVERT}") from None
+    weight = entries.get(QUANTIZED_ENTRY)
+    stored = None if len(entries) != 1 or not isinstance(weight, QuantizedTensor) else (
+        weight.fmt, None, list(weight.shape), weight.params.get("bits"), weight.params.get("group_size"))
+    if not _matches(stored, implied):
+        raise CheckpointError(f"{file}: tensor {name!r} holds {stored}, but config.json and {INDEX} imply {implied}; "
+                              f"{RECONVERT}")
+    return weight
 
 
 def _read_dense(file: Path, meta: dict, spec: ModelSpec, dtype: torch.dtype
@@ -309,14 +350,21 @@ def _read_dense(file: Path, meta: dict, spec: ModelSpec, dtype: torch.dtype
     try:
         with open_shard(file) as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
+            quantized = json.loads((f.metadata() or {}).get(QUANTIZED_KEY, "[]"))
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} cannot be read as safetensors ({reason(e)}); {RECONVERT}") from None
+    if not isinstance(quantized, list) or not set(quantized) <= set(tensors):
+        raise CheckpointError(f"{file}: its {QUANTIZED_KEY!r} metadata is not a list of its tensors; {RECONVERT}")
     expected = {k: s for k, s in spec.expected_shapes().items() if not EXPERT.fullmatch(k)}
+    for name in quantized:
+        tensors[name] = _quantized(name, tensors[name], file, _implied(name, expected.get(name, ()), meta))
     dense = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
     if set(dense) != set(expected):
         raise CheckpointError(f"{file} holds other tensors than config.json describes, e.g. "
                               f"{sorted(set(dense) ^ set(expected))[:3]}; {RECONVERT}")
     for name, t in tensors.items():
+        if name in quantized:
+            continue
         want = torch.float32 if name.endswith(FP32_ALWAYS) else dtype
         if t.dtype != want or tuple(t.shape) != expected.get(name, tuple(t.shape)):
             raise CheckpointError(f"{file}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, but config.json and "

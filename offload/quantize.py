@@ -5,38 +5,32 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from offload.kernels import prepare
-from offload.quant import QuantizedTensor, get_preset
+from offload.quant import Preset, QuantizedTensor, QuantSpec, get_preset
 
-from .loader import Progress
+from .loader import Quantizer
 
 ROLES = [(re.compile(r"layers\.\d+\.attn\.[qkvo]"), "attention"), (re.compile(r"layers\.\d+\.mlp\.(gate|up|down)"),
-                                                                   "dense_mlp")]
-EXPERT_MATRICES = ("gate", "up", "down")
+                                                                   "dense_mlp"),
+         (re.compile(r"layers\.\d+\.experts\.\d+\.(gate|up|down)"), "expert")]
 
 
-def quantize_weights(dense: dict[str, torch.Tensor], experts: dict[tuple[int, int], dict], preset_name: str,
-                     progress: Progress | None = None) -> None:
-    """In place: dense and expert matrices become QuantizedTensor per the preset (progress: per matrix)."""
+def role_spec(preset: Preset, name: str) -> QuantSpec | None:
+    """How the preset stores the weight of canonical `name`, or None for a weight no preset quantizes."""
+    role = next((r for pattern, r in ROLES if pattern.fullmatch(name)), None)
+    return None if role is None else preset.spec(role)
+
+
+def quantizer(preset_name: str) -> Quantizer:
+    """(canonical name, weight) -> the weight as the preset stores its role, for the loader to apply to each
+    tensor as it is read (offload.loader.streamed_weights)."""
     preset = get_preset(preset_name)
-    jobs = []  # (where, key, spec, name)
-    for name, w in dense.items():
-        role = next((r for pattern, r in ROLES if pattern.fullmatch(name)), None)
-        if role is not None and not isinstance(w, QuantizedTensor):
-            jobs.append((dense, name, preset.spec(role), name))
-    for (layer, expert), weights in experts.items():
-        for role in EXPERT_MATRICES:
-            if not isinstance(weights[role], QuantizedTensor):
-                jobs.append((weights, role, preset.expert, f"layers.{layer}.experts.{expert}.{role}"))
-    stage = f"quantizing ({preset_name})"
-    for done, (where, key, spec, name) in enumerate(jobs):
-        if progress:
-            progress(stage, done, len(jobs))
-        where[key] = spec.quantize(where[key], name=name)
-    if progress:
-        progress(stage, len(jobs), len(jobs))
+
+    def quantize(name: str, weight):
+        spec = role_spec(preset, name)
+        return weight if spec is None or isinstance(weight, QuantizedTensor) else spec.quantize(weight, name=name)
+
+    return quantize
 
 
 def prepared(weights: dict) -> dict:

@@ -28,13 +28,18 @@ from .store import ExpertWeights, HostStore
 class OffloadedExperts:
     """placement "inclusive": the host keeps every expert, eviction is free. "exclusive": an expert lives
     either in a device slot or in the host (host RAM smaller than all experts); an evicted expert is
-    written back to the host, a loaded one leaves it."""
+    written back to the host, a loaded one leaves it. alias (a CPU device, inclusive placement): a slot is its
+    expert's host blob itself, not a copy of it: on a CPU the host memory is the device's, and a copy would only
+    hold the cached experts twice; the slots keep their bookkeeping (policy, hits, prefetch) all the same."""
 
     def __init__(self, store: HostStore, moe_layers: list[int], capacity: int, device: torch.device,
                  policy: str = "lru", miss_policy: str = "load", placement: str = "inclusive",
-                 top_k: int = 0) -> None:
+                 top_k: int = 0, alias: bool = False) -> None:
         if placement not in ("inclusive", "exclusive"):
             raise ValueError(f"placement must be 'inclusive' or 'exclusive', got {placement!r}")
+        if alias and (device.type != "cpu" or placement != "inclusive"):
+            raise ValueError("alias=True needs a CPU device and inclusive placement (slots that are the host blobs)")
+        self.alias = alias
         if miss_policy not in ("load", "cpu", "auto"):
             raise ValueError(f"miss_policy must be 'load', 'cpu' or 'auto', got {miss_policy!r}")
         self.store, self.device, self.top_k = store, device, top_k
@@ -45,11 +50,12 @@ class OffloadedExperts:
         self.holds: dict[int, list[int | None]] = {layer: [None] * capacity for layer in moe_layers}
         self._start_bookkeeping()
         self.stale = False  # a call began and did not finish: the bookkeeping may not match the slots
-        self.memory = {layer: torch.empty(capacity, store.blob_bytes, dtype=torch.uint8, device=device)
-                       for layer in moe_layers}
-        # (layer, slot) -> views into the slot: every blob has one layout, so a slot's views never change
-        self.slot_views = {(layer, slot): store.view(self.memory[layer][slot])
-                           for layer in moe_layers for slot in range(capacity)}
+        self.memory = {layer: torch.empty(0 if alias else capacity, store.blob_bytes, dtype=torch.uint8,
+                                          device=device) for layer in moe_layers}
+        # (layer, slot) -> views into the slot: every blob has one layout, so a slot's views never change (alias:
+        # views into the blob the slot is, set as it is admitted)
+        self.slot_views = {} if alias else {(layer, slot): store.view(self.memory[layer][slot])
+                                            for layer in moe_layers for slot in range(capacity)}
         self.counters = EngineStats()
         self.exclusive = placement == "exclusive"
         if self.exclusive:  # start with the first experts of every layer on the device, the rest in the host
@@ -216,9 +222,12 @@ class OffloadedExperts:
                 self.prefetched.discard((layer, evicted))
                 self.counters.layers[layer].prefetch_wasted += 1
         blob = self.store.blobs[layer, expert]
-        self.pending[layer, expert] = self.copier.submit(self.memory[layer][slot, : blob.numel()], blob)
+        if self.alias:
+            self.slot_views[layer, slot] = self.store.view(blob)
+        else:
+            self.pending[layer, expert] = self.copier.submit(self.memory[layer][slot, : blob.numel()], blob)
+            self.counters.layers[layer].bytes_copied += blob.numel()
         holds[slot] = expert
-        self.counters.layers[layer].bytes_copied += blob.numel()
 
     def _ready(self, layer: int, expert: int) -> ExpertWeights:
         """Wait for the expert's copy (if any) and return views into its slot."""

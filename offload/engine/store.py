@@ -52,6 +52,9 @@ class BlobSource(Protocol):
     def check(self) -> None:
         """Raise if the blobs may have changed since they were opened."""
 
+    def release(self, blob: torch.Tensor) -> None:
+        """`blob` was copied and will not be read again: its pages need not stay in this process."""
+
 
 class _VerifiedBlobs(MutableMapping):
     """(layer, expert) -> blob, each verified by its source when first handed out: checking every blob at load
@@ -109,11 +112,16 @@ class HostStore:
                     "tensors would be mixed up: re-convert the checkpoint with offload-convert (experts packed by "
                     "hand need the same tensors, dtypes and shapes)")
 
+    @staticmethod
+    def blob(expert: ExpertWeights, pin: bool = False) -> torch.Tensor:
+        """One expert's tensors packed into its blob (pinned when asked and allowed)."""
+        blob = pack_expert(expert)
+        return _pin(blob) if pin else blob
+
     @classmethod
     def pack(cls, experts: dict[tuple[int, int], ExpertWeights], pin: bool = False) -> "HostStore":
         """Pack each expert's tensors into one blob (pinned on CUDA machines when allowed)."""
-        blobs = {key: pack_expert(experts[key]) for key in sorted(experts)}
-        return cls({key: _pin(b) for key, b in blobs.items()} if pin else blobs, pin)
+        return cls({key: cls.blob(experts[key], pin) for key in sorted(experts)}, pin)
 
     def check(self) -> None:
         """Raise if the file the blobs are mapped from changed since it was opened (blobs in memory: never)."""
@@ -123,7 +131,13 @@ class HostStore:
     def copies(self, device: torch.device) -> dict[tuple[int, int], ExpertWeights]:
         """Every expert's tensors on `device` in memory of their own (one verified blob copy each), for a model
         that keeps all experts resident: nothing it computes with is a view of a file that may change."""
-        return {key: self.view(self.blobs[key].to(device, copy=True)) for key in self.blobs}
+        out = {}
+        for key in self.blobs:  # one at a time: a mapped blob's pages are released once copied
+            blob = self.blobs[key]
+            out[key] = self.view(blob.to(device, copy=True))
+            if self.source is not None:
+                self.source.release(blob)
+        return out
 
     def new_blob(self) -> torch.Tensor:
         """Host memory for one expert coming back from the device (exclusive placement)."""
