@@ -58,7 +58,10 @@ def _load_ours(c: Contender, path: Path, s: dict) -> Loaded:
     greedy = Sampling(0.0, 1.0, 0, 1.0, None)
 
     kw = {"cache_experts": s["cache_experts"], "prefetch": 1, "miss_policy": "auto"} if c.offloaded else {}
-    model = offload.load(path, device="cpu", quant=None if c.quant == "bf16" else c.quant, **kw)
+    if "packed" in s:  # converted once by offload-bench e2e: the preset is in the pack
+        model = offload.load(s["packed"], device="cpu", **kw)
+    else:
+        model = offload.load(path, device="cpu", quant=None if c.quant == "bf16" else c.quant, **kw)
 
     def generate(ids: list[int], n: int) -> Timed:
         # generate() hands back only the finished tensor; _tokens is the iterator of new tokens it consumes

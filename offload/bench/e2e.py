@@ -122,6 +122,25 @@ def _prepare_llama_cpp(names: list[str], path: Path, settings: dict, skipped: di
             skipped[name] = str(e)
 
 
+def _prepare_packs(names: list[str], path: Path, settings: dict, skipped: dict[str, str]) -> None:
+    """Our quantized contenders load a packed checkpoint (`offload-convert --quant`), converted once beside the
+    checkpoint and cached, as llama.cpp loads its converted GGUF: the load time is then a load, not a quantization."""
+    from offload.packed import convert
+
+    for name in names:
+        c = CONTENDERS[name]
+        if c.kind != "ours" or c.quant == "bf16":
+            continue
+        packed = path.with_name(f"{path.name}-{c.quant}")
+        try:
+            if not (packed / "config.json").is_file():
+                print(f"converting {path.name} to a packed {c.quant} checkpoint (once)", file=sys.stderr)
+                convert(path, packed, quant=c.quant)
+            settings[name] = {"packed": str(packed)}
+        except (OSError, ValueError) as e:
+            skipped[name] = f"cannot convert to {c.quant}: {e}"
+
+
 def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -142,6 +161,7 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
     skipped: dict[str, str] = {}
     extra: dict[str, dict] = {}
     _prepare_llama_cpp(names, path, extra, skipped)
+    _prepare_packs(names, path, extra, skipped)
     live = [n for n in names if n not in skipped]
     raw: dict[str, list[dict]] = {n: [] for n in live}
     errors: dict[str, list[str]] = {n: [] for n in live}
