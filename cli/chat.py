@@ -17,7 +17,7 @@ with interrupts_exit():  # Ctrl-C while the command-line libraries import
     from .loading import load_model
 
 app = typer.Typer(add_completion=False, help=__doc__)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # the terminal wraps long lines, as it does the answers
 
 
 def _prompt_text(value: str | None) -> str | None:
