@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, NoReturn
 
 EXIT_RUNTIME = 1  # typer/click already exit 2 on usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command that Ctrl-C ended
@@ -47,7 +47,13 @@ with interrupts_exit():  # Ctrl-C while typer imports
 
 # offload.quant.PRESETS' names (that module imports torch, too slow for parsing a command line;
 # tests/test_chat_cli.py checks that the two agree).
-QuantPreset = Literal["a4e2", "a4e3", "a4e4", "nf4", "none"]
+QUANT_PRESETS = ("a4e2", "a4e3", "a4e4", "nf4", "none")
+
+
+def _quant(value: str | None) -> str | None:
+    if value is not None and value not in QUANT_PRESETS:
+        raise typer.BadParameter(f"{value!r} is not a preset; use one of {', '.join(QUANT_PRESETS)}")
+    return value
 
 
 def _cache_experts(value: str | None) -> int | str | None:
@@ -73,7 +79,8 @@ def _positive(value: float) -> float:
 # Options as annotated types: a command declares `model: Model = "demo"` and gets the same flag, help and checks.
 Model = Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or 'demo'.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
-Quant = Annotated[QuantPreset | None, typer.Option(help="Quantization preset applied at load.")]
+Quant = Annotated[str | None, typer.Option(callback=_quant, metavar="|".join(QUANT_PRESETS),
+                                            help="Quantization preset applied at load.")]
 CacheExperts = Annotated[str | None, typer.Option(
     "--cache-experts", callback=_cache_experts, help="Expert slots per MoE layer, or 'auto' (the planner); "
     "default: every expert resident.")]

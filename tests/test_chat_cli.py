@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pexpect
 import pytest
 
 import offload
-from offload.cli.common import QuantPreset
+from offload.cli.common import QUANT_PRESETS
 from offload.quant.presets import PRESETS
 
 BIN = Path(sys.executable).parent
@@ -161,9 +160,9 @@ def test_usage_errors_exit_2(args, stdin):
 
 def test_bad_quant_names_the_valid_presets():
     error = run("offload-chat", "--quant", "q4", "-p", "hi").stderr
-    line = next(line for line in error.splitlines() if "q4" in line)
-    assert all(f"'{name}'" in line for name in PRESETS), error
-    assert set(typing.get_args(QuantPreset)) == set(PRESETS)  # the CLI's list is offload.quant's
+    lines = [line for line in error.splitlines() if "q4" in line]
+    assert len(lines) == 1 and all(name in lines[0] for name in PRESETS), error
+    assert set(QUANT_PRESETS) == set(PRESETS)  # the CLI's list is offload.quant's
 
 
 def test_mtp_is_a_flag(demo):
@@ -171,5 +170,5 @@ def test_mtp_is_a_flag(demo):
     for flag in ("--mtp", "--no-mtp"):
         result = run("offload-chat", flag, "-p", "What is 12+7?")
         assert (result.returncode, result.stdout) == (0, expected + "\n"), result.stderr
-    usage = run("offload-chat", "--help", env={"COLUMNS": "100"}).stdout
-    assert "--mtp" in usage and "--no-mtp" in usage and "<bool>" not in usage
+    usage = run("offload-chat", "--help", env={"COLUMNS": "80"}).stdout
+    assert "--mtp" in usage and "--no-mtp" in usage and "<bool>" not in usage and "…" not in usage
