@@ -10,6 +10,7 @@ from .common import (CacheExperts, Debug, Device, MaxNewTokens, Model, Mtp, Pref
 with interrupts_exit():  # Ctrl-C while the command-line libraries import
     import typer
     from rich.console import Console
+    from rich.markup import escape
 
     from .chat_commands import is_command, run_command
     from .chat_input import enable_line_editing, read_turn, styled
@@ -33,7 +34,7 @@ def _prompt_text(value: str | None) -> str | None:
 def chat(
     model: Model = "demo",
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", callback=_prompt_text,
-                                               help="Answer this one prompt and exit ('-': read it from stdin).")] = None,
+                                               help="Answer this one prompt and exit (-: read stdin).")] = None,
     system: Annotated[str | None, typer.Option(help="System message for the conversation.")] = None,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
@@ -46,7 +47,8 @@ def chat(
     cache_experts: CacheExperts = None,
     prefetch: Prefetch = 1,
     mtp: Mtp = False,
-    show_plan: Annotated[bool, typer.Option("--plan", help="Print the offload plan (with --cache-experts auto).")] = False,
+    show_plan: Annotated[bool, typer.Option(
+        "--plan", help="Print the offload plan (with --cache-experts auto).")] = False,
     debug: Debug = False,
     token_delay: Annotated[float, typer.Option(hidden=True, min=0.0, help="Test only: seconds slept after each piece "
                                                "of an answer, so that a test can interrupt it.")] = 0.0,
@@ -68,7 +70,7 @@ def _converse(session: ChatSession, what: str) -> None:
     """The prompt loop: slash commands, or a turn for the model. Ctrl-D ends it (exit 0); Ctrl-C at the prompt
     ends the command (exit 130)."""
     enable_line_editing()
-    console.print(f"[bold]offload-chat[/bold] · {what} · /help lists the commands, Ctrl-D quits")
+    console.print(f"[bold]offload-chat[/bold] · {escape(what)} · /help lists the commands, Ctrl-D quits")
     prompt, more = styled(console, "you> ", "bold green"), styled(console, "...  ", "dim")
     while True:
         try:

@@ -89,7 +89,8 @@ MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", min=0, help
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
 TopP = Annotated[float, typer.Option(callback=_top_p, help="Nucleus sampling: in (0, 1], 1 = off.")]
 TopK = Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0 = off).")]
-RepetitionPenalty = Annotated[float, typer.Option("--repeat-penalty", callback=_positive, help="> 1 discourages repeating tokens (1 = off).")]
+RepetitionPenalty = Annotated[float, typer.Option("--repeat-penalty", callback=_positive,
+                                                  help="> 1 discourages repeating tokens (1 = off).")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampler (with temperature > 0).")]
 Mtp = Annotated[bool, typer.Option("--mtp/--no-mtp", help="MTP speculative decoding (MiMo-V2-Flash).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
