@@ -5,10 +5,10 @@ from pathlib import Path
 
 import typer
 
-from offload.bench.cache_sim import app as cache_sim_app
+from offload.bench.cache_sim import cache_sim
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
-app.add_typer(cache_sim_app, name="cache-sim")
+app.command("cache-sim")(cache_sim)  # a command, not a group: its usage line has no COMMAND [ARGS]
 
 
 @app.command()

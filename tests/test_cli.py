@@ -1,5 +1,6 @@
 """The real console scripts in a subprocess: one-shot, interactive, benchmarks, exit codes, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,17 @@ def chat_model(tmp_path_factory):
     return path
 
 
-def run(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / args[0]), *args[1:]], input=stdin, capture_output=True, text=True, timeout=300)
+def run(*args, stdin: str = "", columns: int | None = None) -> subprocess.CompletedProcess:
+    """A console script; `columns`: the terminal width its tables get (rich reads COLUMNS)."""
+    env = None if columns is None else dict(os.environ, COLUMNS=str(columns))
+    return subprocess.run([str(BIN / args[0]), *args[1:]], input=stdin, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def assert_fits(text: str, columns: int) -> None:
+    """Every line within the width, and no word cut short to fit it."""
+    assert "…" not in text, text
+    assert max(map(len, text.splitlines())) <= columns, text
 
 
 def test_one_shot_prompt(chat_model):
@@ -67,6 +77,28 @@ def test_cache_sim_bench(tmp_path):
     report = json.loads(result.stdout)
     text = json.dumps(report)
     assert "lru" in text and "belady" in text
+    help_text = run("offload-bench", "cache-sim", "--help", columns=80).stdout
+    assert "Usage: offload-bench cache-sim [OPTIONS]" in help_text and "COMMAND" not in help_text
+    assert "<bool>" not in help_text  # --json is a flag, shown as one
+
+
+def test_tables_fit_the_terminal(tmp_path):
+    """A table of several traces: at 80 columns whole words only, within the width; at 200 the same table
+    uses the width (one line per policy, the trace names as headers)."""
+    traces = []
+    for i in range(5):
+        trace = tmp_path / f"trace-{i}.jsonl"
+        trace.write_text("".join(json.dumps({"seq": 0, "token": t, "layer": 0, "experts": [t % 5, 5 + (t + i) % 3],
+                                             "probs": [0.6, 0.4]}) + "\n" for t in range(30)))
+        traces += ["--trace", str(trace)]
+    narrow = run("offload-bench", "cache-sim", *traces, "--capacity", "3", columns=80)
+    assert narrow.returncode == 0, narrow.stderr
+    assert_fits(narrow.stdout, 80)
+    assert "trace-4.jsonl" in narrow.stdout
+    wide = run("offload-bench", "cache-sim", *traces, "--capacity", "3", columns=200)
+    assert_fits(wide.stdout, 200)
+    header = next(line for line in wide.stdout.splitlines() if "policy" in line)
+    assert all(f"trace-{i}.jsonl" in header for i in range(5)), wide.stdout
 
 
 def test_offloaded_chat_with_plan(chat_model):
@@ -97,8 +129,10 @@ def test_speculative_bench_small(tmp_path):
     """Plain and MTP decoding of the demo model side by side, resident and offloaded: same tokens."""
     out = tmp_path / "spec.json"
     result = run("offload-bench", "speculative", "--prompts", "3", "--runs", "2", "--max-new-tokens", "12",
-                 "--json", str(out))
+                 "--json", str(out), columns=80)
     assert result.returncode == 0, result.stderr
+    assert_fits(result.stdout, 80)
+    assert "1st-draft" in result.stdout and "resident" in result.stdout
     report = json.loads(out.read_text())
     assert len(report) == 2 and all(r["identical_output"] for r in report.values())
     for r in report.values():
@@ -111,8 +145,9 @@ def test_speculative_bench_small(tmp_path):
 def test_startup_bench(tmp_path):
     """`offload-bench startup` times every command in fresh processes; each must also be quiet on stderr."""
     out = tmp_path / "startup.json"
-    result = run("offload-bench", "startup", "--runs", "1", "--json", str(out))
+    result = run("offload-bench", "startup", "--runs", "1", "--json", str(out), columns=80)
     assert result.returncode == 0, result.stderr
+    assert_fits(result.stdout, 80)
     report = json.loads(out.read_text())
     assert {"import offload", "offload-chat --help", "offload-chat -p (demo)"} <= set(report)
     assert all(r["median_s"] > 0 for r in report.values())

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from offload.bench.table import print_table
 from offload.engine.policies import POLICIES, EvictionPolicy, belady_misses, make_policy, warm
 from offload.engine.routing_history import RoutingHistory
 from offload.engine.trace import TraceRow, read_trace
@@ -185,13 +185,13 @@ def _print_table(result: dict) -> None:
     for name in result["total"]:
         cells = [f"{columns[c][name]['hit_rate']:.3f}" for c in columns]
         table.add_row(name, *cells, style="dim" if name == BELADY else None)
-    Console().print(table)
+    print_table(table)
 
 
-app = typer.Typer(help="Replay expert-routing traces against cache eviction policies.", add_completion=False)
+app = typer.Typer(add_completion=False)
 
 
-@app.callback(invoke_without_command=True)
+@app.command()
 def cache_sim(
     trace: list[Path] = typer.Option(..., "--trace", exists=True, dir_okay=False, help="JSONL routing trace (repeatable)."),
     policy: str = typer.Option("all", "--policy", help=f"One of {', '.join(POLICIES)}, or all."),
@@ -200,7 +200,8 @@ def cache_sim(
     profile: str = typer.Option("none", "--profile", help="Warm policies first: none, others (each file on the "
                                 "other --trace files) or a trace file path."),
 ) -> None:
-    """Hit rate per policy with Belady's optimum as the ceiling."""
+    """Replay expert-routing traces against cache eviction policies: hit rate per policy, with Belady's
+    optimum as the ceiling."""
     try:
         run([str(p) for p in trace], policy, capacity, json_out, profile)
     except ValueError as e:

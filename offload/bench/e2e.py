@@ -235,6 +235,8 @@ def _print(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from offload.bench.table import print_table
+
     bw = [v / 1e9 for v in (results["read_bandwidth"]["min"], results["read_bandwidth"]["max"])]
     load = results["load_average_1min"]
     table = Table(title=f"offload-bench e2e: {Path(results['checkpoint']).name}, {results['prompt_tokens']}-token "
@@ -245,8 +247,8 @@ def _print(results: dict) -> None:
         table.add_column(col)
     for row in _rows(results):
         table.add_row(*row)
-    console = Console(width=200)
-    console.print(table)
+    console = Console()
+    print_table(table, console)
     for name, reason in results["skipped"].items():
         console.print(f"skipped {name}: {reason}")
     console.print(markdown(results), markup=False, highlight=False)

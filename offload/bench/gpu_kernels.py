@@ -130,6 +130,8 @@ def _print(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from offload.bench.table import print_table
+
     console = Console()
     t = Table(title=f"{result['device']}: x[M,{result['shape'][1]}] @ W^T, W {result['shape'][0]}x"
                     f"{result['shape'][1]}; device read {result['read_gbs']:.0f} GB/s")
@@ -139,7 +141,7 @@ def _print(result: dict) -> None:
         err = r.get("rel_err_vs_dequant_fp32")
         t.add_row(name, f"{r['ms']:.4f}", f"{r['vs_dense']:.2f}x", f"{r['gbs']:.0f}",
                   f"{r['gbs'] / result['read_gbs']:.0%}", f"{r['tflops']:.1f}", "" if err is None else f"{err:.1e}")
-    console.print(t)
+    print_table(t, console)
     for key, config in result["autotuned"].items():
         console.print(f"GEMV config {key}: {config}")
     console.print("copies: " + ", ".join(f"{k} {v['gbs']:.1f} GB/s" for k, v in result["copies"].items()))

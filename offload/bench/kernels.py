@@ -257,6 +257,8 @@ def _print(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from offload.bench.table import print_table
+
     console = Console()
     if "quality" in result:
         shape = result["quality_shape"]
@@ -266,7 +268,7 @@ def _print(result: dict) -> None:
         for name, q in result["quality"].items():
             t.add_row(name, f"{q['ours']:.4f}", f"{q.get('hqq', float('nan')):.4f}",
                       f"{q.get('ratio', float('nan')):.4f}", f"{q['bits_per_param']:.3f}")
-        console.print(t)
+        print_table(t, console)
     t = Table(title=f"CPU GEMV, {result['rows']} x {'x'.join(map(str, result['shape']))}, {result['threads']} threads, "
                     f"stream read {result['stream_read_gbs']:.1f} GB/s, path {result['cpu_path']} "
                     f"(torch: {result['torch_cpu_capability']})")
@@ -275,14 +277,14 @@ def _print(result: dict) -> None:
     for name, r in result["gemv"].items():
         t.add_row(name, f"{r['ms']:.2f}", f"{r['gbs']:.1f}", f"{r['stored_bytes'] / 1e6:.1f}",
                   f"{r['prepare_ms']:.0f}" if "prepare_ms" in r else "", str(r["copies"]))
-    console.print(t)
+    print_table(t, console)
     h, f, e, k = result["moe_shape"]
     t = Table(title=f"One MoE layer, {result['rows']} token(s), hidden {h}, expert width {f}, {e} experts top-{k}")
     for c in ("path", "ms (median)", "GB/s read", "copies"):
         t.add_column(c)
     for name, r in result["moe_layer"].items():
         t.add_row(name, f"{r['ms']:.3f}", f"{r['gbs']:.1f}", str(r["copies"]))
-    console.print(t)
+    print_table(t, console)
     console.print("ratios: " + json.dumps({k: round(v, 3) for k, v in result["ratios"].items()}))
     for name, roles in result.get("preset_bits_per_param", {}).items():
         console.print(f"preset {name}: " + ", ".join(f"{r} {b:.3f}" for r, b in roles.items()) + " bit/param")

@@ -78,8 +78,9 @@ def run(source: Path, packed: Path | None = None, runs: int = 3, cached: int = 1
 
 
 def _print(results: dict, threads: int) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from offload.bench.table import print_table
 
     gb = 1e9
     table = Table(title=f"offload.load, fresh process each, CPU, {threads} threads (medians)")
@@ -88,4 +89,4 @@ def _print(results: dict, threads: int) -> None:
     for label, r in results.items():
         table.add_row(label, f"{r['load_s']:.2f}", f"{r['base'] / gb:.2f}", f"{r['peak'] / gb:.2f}",
                       f"{r['steady'] / gb:.2f}", f"{r['ratio']:.2f}", "yes" if r["ratio"] <= TARGET_RATIO else "NO")
-    Console().print(table)
+    print_table(table)

@@ -179,8 +179,9 @@ def run(path: Path | None = None, tokens: int = 16, runs: int = 5, threads: int 
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from offload.bench.table import print_table
 
     lo, hi = r["tok_s_min_max"]
     table = Table(title=f"CPU decode step, {r['model']} ({r['dtype']}, resident), {r['torch_threads']} threads: "
@@ -194,4 +195,4 @@ def _print(r: dict) -> None:
     total_ms = sum(c["op_ms"] for c in r["categories"].values())
     table.add_row("total", f"{total_ops:.0f}", f"{r['profiled_ms_per_token']:.2f}", f"{total_ms:.2f}")
     table.add_row("Python between ops (profiled ms - torch ops)", "-", f"{r['python_ms_per_token']:.2f}", "-")
-    Console().print(table)
+    print_table(table)

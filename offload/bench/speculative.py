@@ -71,8 +71,9 @@ def run(model: str = "demo", prompts: int = 50, max_new_tokens: int = 48, draft_
 
 
 def _print(results: dict, where: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from offload.bench.table import print_table
 
     table = Table(title=f"MTP speculative decoding, demo model, {where}, greedy")
     for col in ("setup", "plain tok/s", "mtp tok/s", "speedup", "1st-draft acceptance", "tokens/forward",
@@ -84,4 +85,4 @@ def _print(results: dict, where: str) -> None:
                       f"{s['first_draft_acceptance']:.2f}", f"{s['tokens_per_forward']:.2f}",
                       f"{r['plain']['expert_loads_per_token']:.2f} -> {r['mtp']['expert_loads_per_token']:.2f}",
                       str(r["identical_output"]))
-    Console().print(table)
+    print_table(table)

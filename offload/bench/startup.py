@@ -53,8 +53,9 @@ def run(venv: Path | None = None, runs: int = 5, json_out: str | None = None) ->
 
 
 def _print(results: dict, venv: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from offload.bench.table import print_table
 
     table = Table(title=f"startup, fresh processes ({venv})")
     for col in ("command", "median s", "min s", "target s", "met", "quiet (empty stderr)"):
@@ -64,4 +65,4 @@ def _print(results: dict, venv: Path) -> None:
         met = "" if target is None else ("yes" if r["median_s"] <= target else "NO")
         table.add_row(label, f"{r['median_s']:.2f}", f"{r['min_s']:.2f}", "" if target is None else f"{target}",
                       met, "yes" if r["quiet"] else "NO")
-    Console().print(table)
+    print_table(table)
