@@ -69,7 +69,9 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     port = _free_port()
-    command = [*PYTHON, str(BIN / "offload-serve"), "--port", str(port), "--cache-experts", "4",
+    script = BIN / "offload-serve"
+    assert script.is_file(), f"{script} is missing: a console script new to pyproject, installed by `pip install -e .`"
+    command = [*PYTHON, str(script), "--port", str(port), "--cache-experts", "4",
                "--max-tokens", str(LONG), "--max-request-bytes", str(MAX_BODY)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -194,7 +196,8 @@ def test_bad_requests_get_openai_errors(server):
     for body, param in [({"messages": QUESTION, "max_tokens": LONG + 1}, "max_tokens"),
                         ({"messages": QUESTION, "n": 2}, "n"), ({"messages": []}, "messages"),
                         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-                        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop")]:
+                        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"prompt": 3}, "prompt"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content")]:
         path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
         status, answer = server.post(path, json.dumps(body).encode())
         assert status == 400 and answer["error"]["param"] == param, answer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import APIError
 
@@ -16,7 +16,7 @@ MAX_STOPS = 4  # as OpenAI's API
 class _Request(BaseModel):
     """Fields both endpoints share. `top_k`, `repetition_penalty` and `ignore_eos` are extensions (as vLLM's)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -25,17 +25,23 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
-    stop: str | list[str] | None = None
+    stop: str | list[str] = []
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    logprobs: Literal[False, None] = None
+    logprobs: Literal[False] = False
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        """null is "not given", as clients send it for options they leave unset."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+    def _stops(cls, stop: str | list[str]) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else stop
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         return [s for s in stops if s]
@@ -49,7 +55,7 @@ class _Request(BaseModel):
         requested = self.requested_tokens()[1]
         return dict(max_new_tokens=max_tokens if requested is None else requested,
                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop or [],
+                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
                     **({"eos_token_ids": []} if self.ignore_eos else {}))
 
     @property
@@ -58,18 +64,18 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -118,13 +124,19 @@ def parse(body: bytes, kind: type[_Request], max_tokens: int) -> _Request:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        request = kind.model_validate(data)
+        request = kind.model_validate_json(body)
     except ValidationError as e:
         error = e.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
+        field = ".".join(str(part) for part in error["loc"] if not _type_tag(part))
         raise APIError(400, f"{field}: {error['msg']}", param=field) from None
     name, value = request.requested_tokens()
     if value is not None and value > max_tokens:
         raise APIError(400, f"{name} is {value}, more than this server allows ({max_tokens}; offload-serve "
                        "--max-tokens raises it)", param=name)
     return request
+
+
+def _type_tag(part: str | int) -> bool:
+    """pydantic names the member of a union that failed ('str', 'list[str]') among the field names of an
+    error's location; OpenAI's `param` has field names only."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part)
