@@ -22,10 +22,9 @@ from . import schema
 from .errors import APIError
 from .metrics import Metrics
 from .responses import CHAT, COMPLETION, Answer, Endpoint, event
-from .worker import Job, Worker
+from .worker import CLIENT_GONE, Job, Worker
 
 T = TypeVar("T")
-CLIENT_GONE = APIError(499, "the client went away", code="client_disconnected")
 
 
 @dataclass(frozen=True)
@@ -83,16 +82,15 @@ def create_app(lm, model_name: str, limits: Limits = Limits(), speculative: bool
         worker.submit(job)
         answer = Answer(endpoint, model_name)
         pieces = job.pieces()
-        if not parsed.stream:
-            try:
+        try:
+            if not parsed.stream:
                 text = await _unless_disconnected(request, _join(pieces))
-            except ClientGone:
-                return Response()  # nobody reads it
-            return JSONResponse(answer.whole(text, job.reply))
-        try:  # errors found before the first piece (a prompt past the context) are still an HTTP status
+                return JSONResponse(answer.whole(text, job.reply))
+            # errors found before the first piece (a prompt past the context) are still an HTTP status
             first = await _unless_disconnected(request, anext(pieces, None))
         except ClientGone:
-            return Response()
+            job.cancel(CLIENT_GONE)
+            return Response()  # nobody reads it
         return EventStream(_stream(answer, job, first, pieces, parsed.include_usage), job)
 
     async def chat(request: Request) -> Response:

@@ -50,6 +50,9 @@ def serve(lm, model_name: str, host: str = "127.0.0.1", port: int = 8080, limits
     app = create_app(lm, model_name, limits, speculative)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE_SECONDS)
     server = Server(config, app.state.worker)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way to fail at start-up (it has logged why)
+        server.started = False
     if not server.started:
-        raise RuntimeError(f"could not serve on http://{host}:{port} (uvicorn's log above says why)")
+        raise RuntimeError(f"could not serve on http://{host}:{port} (the ERROR line above says why)")

@@ -19,6 +19,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("offload.serve")
 SHUTTING_DOWN = APIError(503, "the server is shutting down", code="shutting_down")
+CLIENT_GONE = APIError(499, "the client went away", code="client_disconnected")  # a reason; never sent
 
 
 class Job:
@@ -61,7 +62,7 @@ class Job:
                     return
                 yield event
         finally:  # a no-op when the generation has ended
-            self.cancel(APIError(499, "the client went away", code="client_disconnected"))
+            self.cancel(CLIENT_GONE)
 
 
 class Worker:
@@ -113,14 +114,13 @@ class Worker:
             with self._lock:
                 self._waiting.remove(job)
                 self._running = job
-            try:
-                self._generate(job)
-            finally:
-                with self._lock:
-                    self._running = None
+            final = self._generate(job)
+            with self._lock:
+                self._running = None
+            job.send(final)  # last: once it arrives, the metrics count this job as ended
 
-    def _generate(self, job: Job) -> None:
-        """Run one job, sending its pieces, then, once the metrics count it, its Reply or an APIError."""
+    def _generate(self, job: Job) -> Reply | APIError:
+        """Run one job, sending its pieces; count it in the metrics; return its Reply or an APIError."""
         start, reply = time.perf_counter(), None
         try:
             if job.cancelled is None:
@@ -143,4 +143,4 @@ class Worker:
                 reply.close()
         self.metrics.finished(outcome, reply.prompt_tokens if reply else 0, reply.completion_tokens if reply else 0,
                               time.perf_counter() - start)
-        job.send(final)
+        return final
