@@ -131,7 +131,8 @@ class MoEModel:
                  stop: Sequence[str] | str = (), stream: bool = False, eos_token_ids: Sequence[int] | None = None,
                  speculative: str | None = None, draft_tokens: int = 3) -> torch.Tensor | str | Reply:
         """Tensor in -> tensor [B, T+N] out (greedy by default). Text or chat messages in -> the reply text,
-        or with stream=True a Reply: an iterator of text pieces that counts its tokens. Stops at EOS, a stop string, or max_new_tokens.
+        or with stream=True a Reply: an iterator of text pieces that counts its tokens and says why it ended.
+        Stops at EOS, a stop string, or max_new_tokens.
         speculative="mtp": draft up to `draft_tokens` tokens per step with the checkpoint's MTP layer and
         verify them in one forward (same output as plain decoding; single sequence only)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

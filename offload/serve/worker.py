@@ -32,7 +32,7 @@ class Job:
         self._events: asyncio.Queue[str | Reply | APIError] = asyncio.Queue()
         self._cancelled: APIError | None = None  # why; read by the worker thread between tokens
 
-    def cancel(self, reason: APIError = SHUTTING_DOWN) -> None:
+    def cancel(self, reason: APIError) -> None:
         """Stop the generation at its next token (or before it starts); a finished one is left as it is."""
         if self._cancelled is None:
             self._cancelled = reason
