@@ -13,6 +13,28 @@ from .errors import APIError
 MAX_STOPS = 4  # as OpenAI's API
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        """The {"role", "content"} form chat templates read; text parts joined."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": content}
+
+
 class _Request(BaseModel):
     """Fields both endpoints share. `top_k`, `repetition_penalty` and `ignore_eos` are extensions (as vLLM's)."""
 
@@ -63,28 +85,6 @@ class _Request(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    include_usage: bool = False
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-    def as_dict(self) -> dict[str, str]:
-        """The {"role", "content"} form chat templates read; text parts joined."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": self.role, "content": content}
-
-
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
@@ -109,9 +109,6 @@ class CompletionRequest(_Request):
         if len(self.prompt_) != 1:
             raise APIError(400, "only one prompt per request is supported", param="prompt")
         return self.prompt_[0]
-
-
-_Request.model_rebuild()
 
 
 def parse(body: bytes, kind: type[_Request], max_tokens: int) -> _Request:
