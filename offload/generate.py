@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -185,3 +185,28 @@ class TextStream:
         piece = text[self.emitted:]
         self.emitted = max(self.emitted, len(text))
         return piece
+
+
+@dataclass
+class Reply:
+    """A streamed text reply, what generate(..., stream=True) returns: iterate it for the text pieces; close()
+    ends the generation early (between tokens the model is free, so nothing is left half done). Once it has
+    ended, `completion_tokens` (every token generated, an EOS included) and `finish_reason` ("stop": EOS or a
+    stop string; "length": max_new_tokens or the model's context) say how: what an OpenAI-style server reports
+    as usage. A reply closed early keeps finish_reason None."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    pieces: Iterator[str] = field(default_factory=lambda: iter(()), repr=False)
+
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> str:
+        return next(self.pieces)
+
+    def close(self) -> None:
+        close = getattr(self.pieces, "close", None)
+        if close is not None:
+            close()

@@ -11,7 +11,7 @@ import torch
 
 from .chat import render_chat
 from .errors import ModelFormatError
-from .generate import Sampling, TextStream, check_mask, collect_ids, context_budget, stop_at_context, token_loop
+from .generate import Reply, Sampling, TextStream, check_mask, collect_ids, context_budget, stop_at_context, token_loop
 from .loader import generation_eos
 from .model.decoder import Decoder
 from .model.mtp import MTPHead, mtp_weights
@@ -129,9 +129,10 @@ class MoEModel:
                  attention_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | str = (), stream: bool = False, eos_token_ids: Sequence[int] | None = None,
-                 speculative: str | None = None, draft_tokens: int = 3) -> torch.Tensor | str | Iterator[str]:
+                 speculative: str | None = None, draft_tokens: int = 3) -> torch.Tensor | str | Reply:
         """Tensor in -> tensor [B, T+N] out (greedy by default). Text or chat messages in -> the reply text,
-        or with stream=True an iterator of text pieces. Stops at EOS, a stop string, or max_new_tokens.
+        or with stream=True a Reply: an iterator of text pieces that counts its tokens and says why it ended.
+        Stops at EOS, a stop string, or max_new_tokens.
         speculative="mtp": draft up to `draft_tokens` tokens per step with the checkpoint's MTP layer and
         verify them in one forward (same output as plain decoding; single sequence only)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -153,9 +154,10 @@ class MoEModel:
                 return ids
             return collect_ids(ids, self._tokens(ids, mask, max_new_tokens, sampling, eos, draft), eos, pad)
         ids = self._check_ids(self.prompt_ids(prompt))
-        pieces = self._stream_text(ids, max_new_tokens, sampling, eos, [stop] if isinstance(stop, str) else stop,
-                                   draft)
-        return pieces if stream else "".join(pieces)
+        reply = Reply(prompt_tokens=ids.shape[1])
+        reply.pieces = self._stream_text(ids, max_new_tokens, sampling, eos,
+                                         [stop] if isinstance(stop, str) else stop, draft, reply)
+        return reply if stream else "".join(reply)
 
     def _tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int, sampling: Sampling,
                 eos: list[int], draft: int) -> Iterator[torch.Tensor]:
@@ -188,16 +190,21 @@ class MoEModel:
         return self._mtp_head
 
     def _stream_text(self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, eos: list[int],
-                     stop: Sequence[str], draft: int) -> Iterator[str]:
+                     stop: Sequence[str], draft: int, reply: Reply) -> Iterator[str]:
+        """The reply's pieces; counts its tokens and records why it ended in `reply`."""
         text = TextStream(self.tokenizer, stop)
         for token in self._tokens(ids, None, max_new_tokens, sampling, eos, draft):
+            reply.completion_tokens += 1
             if int(token[0]) in eos:
+                reply.finish_reason = "stop"
                 break
             piece = text.push(int(token[0]))
             if piece:
                 yield piece
             if text.stopped:
+                reply.finish_reason = "stop"
                 return
+        reply.finish_reason = reply.finish_reason or "length"
         tail = text.flush()
         if tail:
             yield tail
