@@ -156,6 +156,18 @@ def soak(model: str = typer.Option("demo"), tokens: int = typer.Option(2000, min
     run(model, tokens, step, cycles, cache_experts or None, json_out)
 
 
+@app.command()
+def simulate(trace: list[Path] = typer.Option(..., "--trace", exists=True, dir_okay=False,
+                                              help="Mixtral-8x7B routing trace (repeatable; the first is scored, "
+                                                   "the others give the split's hot experts)."),
+             json_out: Path | None = typer.Option(None, "--json", help="Also write the results here.")) -> None:
+    """A simulation: fit on the offloading paper's T4/RTX 3060 rows, check its A100/RTX 3080 Mobile rows, then
+    predict our engine (slots + prefetch, the CPU+GPU split; eager and with graphs) on a T4, RTX 3060 and RTX 4090."""
+    from offload.bench.simulate import run
+
+    run(trace, json_out)
+
+
 def main() -> None:
     from .common import run_app
 
