@@ -157,6 +157,19 @@ def soak(model: str = typer.Option("demo"), tokens: int = typer.Option(2000, min
 
 
 @app.command()
+def split(model: Path | None = typer.Option(None, help="Checkpoint dir (default: e2e's generated OLMoE-shaped one)."),
+          device: str = typer.Option("cuda"), quant: str | None = typer.Option(None, help="Preset, e.g. a4e2."),
+          cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0, help="Expert slots a layer, as a fraction."),
+          tokens: int = typer.Option(32, min=2), runs: int = typer.Option(3, min=1),
+          json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """The CPU + GPU split against resident, copied misses and the caller's CPU misses (one process, interleaved)."""
+    from offload.bench.e2e import DEFAULT_DIR, make_checkpoint
+    from offload.bench.split import run
+
+    run(model or make_checkpoint(DEFAULT_DIR), device, quant, cache_fraction, tokens, runs=runs, json_out=json_out)
+
+
+@app.command()
 def simulate(trace: list[Path] = typer.Option(..., "--trace", exists=True, dir_okay=False,
                                               help="Mixtral-8x7B routing trace (repeatable; the first is scored, "
                                                    "the others give the split's hot experts)."),

@@ -117,3 +117,12 @@ def test_planner_chooses_the_split_from_measured_costs():
     assert plan(spec, **common).placement == "inclusive"  # nothing measured: no split
     on_cpu = plan(spec, **(common | {"device": torch.device("cpu")}), link=Link(2.0, 0.5e-3))
     assert on_cpu.placement == "inclusive"  # the CPU is the device: nothing to split
+
+
+def test_split_bench_runs_every_setup_with_resident_tokens(checkpoint, tmp_path):
+    from offload.bench.split import SETUPS, run
+
+    result = run(checkpoint, device="cpu", tokens=4, prompt_tokens=4, runs=1, json_out=tmp_path / "split.json")
+    assert set(result["tok_s"]) == set(SETUPS) and all(result["identical_tokens"].values())
+    assert result["cpu_computed"]["split, cold experts on the CPU worker"] > 0
+    assert json.loads((tmp_path / "split.json").read_text())["device"] == "cpu"
