@@ -48,7 +48,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy: str, placement: str,
-                   context: int, quant, memory_budget, predict_from: str, progress) -> None:
+                   context: int, quant, memory_budget, predict_from: str, hot_trace, progress) -> None:
     """Every option of `load`, before any file is read: a one-line ValueError naming the option."""
     _choice("dtype", dtype, (None, *COMPUTE_DTYPES))
     if cache_experts not in (None, "auto"):
@@ -64,6 +64,8 @@ def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy
         if cache_experts != "auto":
             raise ValueError("memory_budget sizes the expert cache the planner chooses: it needs cache_experts='auto'")
     _choice("predict_from", predict_from, ("attention", "output"))
+    if hot_trace is not None and placement not in ("split", "auto"):
+        raise ValueError(f"hot_trace picks the hot experts of placement='split'; placement={placement!r} has none")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be None or a callable progress(stage, done, total), got {progress!r}")
 
@@ -93,7 +95,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     progress(stage, done, total) during the slow stages of a load (offload-chat draws it).
     """
     _check_options(dtype, cache_experts, prefetch, policy, miss_policy, placement, context, quant, memory_budget,
-                   predict_from, progress)
+                   predict_from, hot_trace, progress)
     dev = _device(device)
     recorder = None if record_trace is None else RoutingRecorder(record_trace)  # checks it can write there
     path, config, spec, adapter = load_spec(source)

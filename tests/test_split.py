@@ -86,6 +86,8 @@ def test_hot_experts_from_a_trace_and_adapted_at_run_time(checkpoint, tmp_path):
     assert from_trace.stats()["hot_experts"] == hot_experts(read_trace(trace), from_trace.spec.moe_layers, 2, 8)
     assert torch.equal(from_trace.generate(prompt, max_new_tokens=10), want)
 
+    with pytest.raises(ValueError, match="hot_trace"):
+        offload.load(checkpoint, cache_experts=2, placement="inclusive", hot_trace=trace)
     adapting = offload.load(checkpoint, cache_experts=2, placement="split")
     adapting.decoder.experts.adapt_every = 1  # re-place before every call: outputs must not change
     assert torch.equal(adapting.generate(prompt, max_new_tokens=10), resident.generate(prompt, max_new_tokens=10))
