@@ -156,6 +156,31 @@ def soak(model: str = typer.Option("demo"), tokens: int = typer.Option(2000, min
     run(model, tokens, step, cycles, cache_experts or None, json_out)
 
 
+@app.command()
+def split(model: Path | None = typer.Option(None, help="Checkpoint dir (default: e2e's generated OLMoE-shaped one)."),
+          device: str = typer.Option("cuda"), quant: str | None = typer.Option(None, help="Preset, e.g. a4e2."),
+          cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0, help="Expert slots a layer, as a fraction."),
+          tokens: int = typer.Option(32, min=2), runs: int = typer.Option(3, min=1),
+          json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """The CPU + GPU split against resident, copied misses and the caller's CPU misses (one process, interleaved)."""
+    from offload.bench.e2e import DEFAULT_DIR, make_checkpoint
+    from offload.bench.split import run
+
+    run(model or make_checkpoint(DEFAULT_DIR), device, quant, cache_fraction, tokens, runs=runs, json_out=json_out)
+
+
+@app.command()
+def simulate(trace: list[Path] = typer.Option(..., "--trace", exists=True, dir_okay=False,
+                                              help="Mixtral-8x7B routing trace (repeatable; the first is scored, "
+                                                   "the others give the split's hot experts)."),
+             json_out: Path | None = typer.Option(None, "--json", help="Also write the results here.")) -> None:
+    """A simulation: fit on the offloading paper's T4/RTX 3060 rows, check its A100/RTX 3080 Mobile rows, then
+    predict our engine (slots + prefetch, the CPU+GPU split; eager and with graphs) on a T4, RTX 3060 and RTX 4090."""
+    from offload.bench.simulate import run
+
+    run(trace, json_out)
+
+
 def main() -> None:
     from .common import run_app
 

@@ -8,12 +8,14 @@ import torch
 from offload.quant import PRESETS
 
 from .engine.offloaded import OffloadedExperts
-from .engine.planner import plan
+from .engine.planner import Link, measure_bandwidth, plan
 from .engine.policies import POLICIES
 from .engine.prefetch import Prefetcher
 from .engine.recorder import RoutingRecorder
 from .engine.resident import ResidentExperts
+from .engine.split import ADAPT_EVERY, SplitExperts, hot_experts, measure_host_expert
 from .engine.store import HostStore
+from .engine.trace import read_trace
 from .lm import MoEModel
 from .loader import COMPUTE_DTYPES, Progress, checkpoint_dtype, load_spec, load_weights
 from .model.decoder import Decoder
@@ -46,7 +48,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy: str, placement: str,
-                   context: int, quant, memory_budget, predict_from: str, progress) -> None:
+                   context: int, quant, memory_budget, predict_from: str, hot_trace, progress) -> None:
     """Every option of `load`, before any file is read: a one-line ValueError naming the option."""
     _choice("dtype", dtype, (None, *COMPUTE_DTYPES))
     if cache_experts not in (None, "auto"):
@@ -54,7 +56,7 @@ def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy
     _count("prefetch", prefetch, 0)
     _choice("policy", policy, POLICIES)
     _choice("miss_policy", miss_policy, ("load", "cpu", "auto"))
-    _choice("placement", placement, ("auto", "inclusive", "exclusive"))
+    _choice("placement", placement, ("auto", "inclusive", "exclusive", "split"))
     _count("context", context, 1)
     _choice("quant", quant, (None, *PRESETS))
     if memory_budget is not None:
@@ -62,6 +64,8 @@ def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy
         if cache_experts != "auto":
             raise ValueError("memory_budget sizes the expert cache the planner chooses: it needs cache_experts='auto'")
     _choice("predict_from", predict_from, ("attention", "output"))
+    if hot_trace is not None and placement not in ("split", "auto"):
+        raise ValueError(f"hot_trace picks the hot experts of placement='split'; placement={placement!r} has none")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be None or a callable progress(stage, done, total), got {progress!r}")
 
@@ -70,7 +74,8 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
          cache_experts: int | str | None = None, prefetch: int = 1, policy: str = "lru",
          miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
          context: int = 4096, quant: str | None = None, memory_budget: int | None = None,
-         predict_from: str = "attention", progress: Progress | None = None) -> MoEModel:
+         predict_from: str = "attention", hot_trace: str | Path | None = None,
+         progress: Progress | None = None) -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
@@ -82,13 +87,15 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     its output: more accurate, less overlap); policy: eviction policy (offload.engine.policies.POLICIES);
     miss_policy: "load" a missed expert, compute it on the "cpu" where it lives, or "auto" (cost model); placement: "inclusive"
     (the host keeps every expert), "exclusive" (an expert is in a device slot or in the host, for host RAM
-    smaller than the experts) or "auto" (the planner decides);
+    smaller than the experts), "split" (the slots keep each layer's hottest experts, the CPU computes the others
+    while the device computes those: from `hot_trace`, a routing trace, or adapted as the model runs) or "auto"
+    (the planner decides, from the measured host->device bandwidth and CPU expert time on a GPU);
     record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
     offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load. progress: called as
     progress(stage, done, total) during the slow stages of a load (offload-chat draws it).
     """
     _check_options(dtype, cache_experts, prefetch, policy, miss_policy, placement, context, quant, memory_budget,
-                   predict_from, progress)
+                   predict_from, hot_trace, progress)
     dev = _device(device)
     recorder = None if record_trace is None else RoutingRecorder(record_trace)  # checks it can write there
     path, config, spec, adapter = load_spec(source)
@@ -122,18 +129,27 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
         experts = ResidentExperts({key: prepared(w) for key, w in resident.items()})
     else:
         if cache_experts == "auto":
+            link = None
+            if dev.type == "cuda":
+                link = Link(measure_bandwidth(dev)[1],
+                            measure_host_expert(store, spec.expert, spec.hidden_size, dtype))
             model_plan = plan(spec, sum(t.nbytes for t in dense.values()), store.blob_bytes, dev, dtype.itemsize,
-                              context, free_device=memory_budget)
+                              context, free_device=memory_budget, link=link)
             cache_experts = model_plan.slots_per_layer
             placement = model_plan.placement if placement == "auto" else placement
         if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 1:
             raise ValueError(f"cache_experts must be None, 'auto' or an int >= 1, got {cache_experts!r}")
-        placement = "exclusive" if placement == "exclusive" else "inclusive"
-        experts = OffloadedExperts(store, spec.moe_layers, min(cache_experts, spec.router.num_experts), dev,
-                                   policy, miss_policy, placement, spec.router.top_k,
-                                   alias=dev.type == "cpu" and placement == "inclusive")
+        capacity = min(cache_experts, spec.router.num_experts)
+        if placement == "split":
+            hot = None if hot_trace is None else hot_experts(read_trace(hot_trace), spec.moe_layers, capacity,
+                                                             spec.router.num_experts)
+            experts = SplitExperts(store, spec.moe_layers, capacity, dev, hot, 0 if hot else ADAPT_EVERY)
+        else:
+            placement = "exclusive" if placement == "exclusive" else "inclusive"
+            experts = OffloadedExperts(store, spec.moe_layers, capacity, dev, policy, miss_policy, placement,
+                                       spec.router.top_k, alias=dev.type == "cpu" and placement == "inclusive")
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype)
-    if offloaded and prefetch:
+    if offloaded and prefetch and placement != "split":  # a split moves no expert during a call
         decoder.hooks.append(Prefetcher(decoder, prefetch, predict_from=predict_from,
                                         predictors=load_predictors(path, spec.hidden_size, dev, dtype)))
     if recorder is not None:

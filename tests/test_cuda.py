@@ -30,7 +30,8 @@ def _greedy(model, prompts, **kw):
 
 
 @pytest.mark.parametrize("placement,miss_policy,prefetch", [
-    ("inclusive", "load", 1), ("inclusive", "load", 0), ("exclusive", "load", 1), ("inclusive", "cpu", 1)])
+    ("inclusive", "load", 1), ("inclusive", "load", 0), ("exclusive", "load", 1), ("inclusive", "cpu", 1),
+    ("split", "cpu", 0)])  # the split computes its cold experts on the CPU whatever miss_policy says
 def test_offloaded_on_gpu_equals_resident(resident, prompts, placement, miss_policy, prefetch):
     model = offload.load("demo", device=CUDA, cache_experts=4, prefetch=prefetch, placement=placement,
                          miss_policy=miss_policy)

@@ -48,6 +48,17 @@ def kv_bytes(spec: ModelSpec, context: int, dtype_bytes: int) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Link:
+    """Measured costs that decide what to do with an expert that has no device slot: copy it in, or compute it
+    on the host where it lives (placement "split")."""
+    copy_gbps: float  # host -> device copy bandwidth, GB/s
+    cpu_expert_seconds: float  # one decode token through one expert on the host's native kernels
+
+    def copy_seconds(self, expert_bytes: int) -> float:
+        return expert_bytes / (self.copy_gbps * 1e9)
+
+
 @dataclass
 class Plan:
     device: str
@@ -60,7 +71,9 @@ class Plan:
     moe_layers: int
     slots_per_layer: int
     host_available: int
-    placement: str  # "resident" | "inclusive" | "exclusive"
+    placement: str  # "resident" | "inclusive" | "exclusive" | "split"
+    link: Link | None = None
+    reason: str = ""
 
     @property
     def cache_bytes(self) -> int:
@@ -80,8 +93,15 @@ class Plan:
             ("all routed experts", gib(self.all_experts_bytes)),
             ("expert slots per MoE layer", f"{self.slots_per_layer} of {self.num_experts}"),
             ("device expert cache", gib(self.cache_bytes)), ("host RAM available", gib(self.host_available)),
-            ("placement", self.placement),
+            *self._link_rows(), ("placement", self.placement), *([("why", self.reason)] if self.reason else []),
         ]
+
+    def _link_rows(self) -> list[tuple[str, str]]:
+        if self.link is None:
+            return []
+        return [("host->device copy (measured)", f"{self.link.copy_gbps:.1f} GB/s: "
+                 f"{self.link.copy_seconds(self.expert_bytes) * 1e3:.2f} ms an expert"),
+                ("CPU expert, 1 token (measured)", f"{self.link.cpu_expert_seconds * 1e3:.2f} ms")]
 
     def explain(self) -> str:
         from rich.console import Console
@@ -97,8 +117,11 @@ class Plan:
 
 
 def plan(spec: ModelSpec, dense_bytes: int, expert_bytes: int, device: torch.device, dtype_bytes: int,
-         context: int = 4096, free_device: int | None = None, host_available: int | None = None) -> Plan:
-    """Give the experts whatever device memory the dense weights and the KV cache leave."""
+         context: int = 4096, free_device: int | None = None, host_available: int | None = None,
+         link: Link | None = None) -> Plan:
+    """Give the experts whatever device memory the dense weights and the KV cache leave. With `link` measured
+    (a CUDA device), an expert without a slot is computed on the CPU (placement "split": the slots keep each
+    layer's hottest experts, the CPU runs the rest while the GPU runs those) when that is faster than copying it."""
     free = free_device_memory(device) if free_device is None else free_device
     host = psutil.virtual_memory().available if host_available is None else host_available
     kv = kv_bytes(spec, context, dtype_bytes)
@@ -113,11 +136,24 @@ def plan(spec: ModelSpec, dense_bytes: int, expert_bytes: int, device: torch.dev
         raise MemoryError(f"{device} has room for no expert slot ({budget / 2**20:.0f} MiB left after weights and "
                           "KV cache); use a lower-bit preset or a shorter context")
     all_experts = num_experts * layers * expert_bytes
-    if slots == num_experts:
-        placement = "resident"
-    elif device.type == "cuda" and all_experts > host * HEADROOM:
-        placement = "exclusive"
-    else:
-        placement = "inclusive"
+    placement, reason = _placement(device, slots, num_experts, all_experts > host * HEADROOM, expert_bytes, link)
     return Plan(str(device), free, dense_bytes, kv, context, expert_bytes, num_experts, layers, int(slots), host,
-                placement)
+                placement, link, reason)
+
+
+def _placement(device: torch.device, slots: int, num_experts: int, host_too_small: bool, expert_bytes: int,
+               link: Link | None) -> tuple[str, str]:
+    """(placement, why) for an expert cache of `slots` of `num_experts` per layer."""
+    if slots == num_experts:
+        return "resident", "every expert fits on the device"
+    if device.type == "cuda" and host_too_small:
+        return "exclusive", "host RAM cannot also hold the experts the device holds"
+    if device.type != "cuda" or link is None:
+        return "inclusive", ""
+    copy, cpu = link.copy_seconds(expert_bytes), link.cpu_expert_seconds
+    if cpu < copy:
+        return "split", (f"the CPU computes an expert for one token ({cpu * 1e3:.2f} ms) faster than the link copies "
+                         f"it ({copy * 1e3:.2f} ms): each layer's {slots} hottest experts stay on the GPU, the CPU "
+                         "computes the others while the GPU runs them")
+    return "inclusive", (f"copying an expert ({copy * 1e3:.2f} ms) is faster than computing it on the CPU "
+                         f"({cpu * 1e3:.2f} ms): missed experts are copied into the slots")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -85,10 +86,28 @@ def grouped_expert_mlp(x: torch.Tensor, per_row: list[dict[str, torch.Tensor]], 
     return project("down", _activate(project("gate", x), project("up", x), e))[:n]
 
 
+class HostBatch(list):
+    """A provider's batch of experts whose weights stay in host memory: `moe` computes it on the host worker
+    while the caller goes on with the device's batches (a CPU + GPU split), so its weights must stay valid
+    for the whole layer, not only until the next batch is asked for."""
+
+
+_HOST_WORKER: list[ThreadPoolExecutor] = []
+
+
+def host_worker() -> ThreadPoolExecutor:
+    """The one thread that computes host batches (started on first use): one layer's host experts at a time,
+    in the order the layers submit them."""
+    if not _HOST_WORKER:
+        _HOST_WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="offload-host-experts"))
+    return _HOST_WORKER[0]
+
+
 class ExpertProvider(Protocol):
     """Where expert weights come from. `provide` yields batches of (expert, weights), every expert in
     `experts` once over all batches (any order; weights on the compute device, or on the host to compute a
-    miss there); a batch's weights stay valid until the next batch is asked for;
+    miss there; a HostBatch is computed on the host worker, concurrently with the batches after it);
+    a batch's weights stay valid until the next batch is asked for;
     `weights`/`tokens`: routing mass and token count per expert; `prefetch` lists (layer, experts)
     predicted for later layers. An engine may load, cache or prefetch, but must yield exact weights.
     `call()` is a context manager around each model call, in which the provider can roll back a call that
@@ -122,6 +141,7 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     order = torch.argsort(ids.flatten(), stable=True)
     spans = {ex: slice(a, a + n) for ex, a, n in zip(hit, itertools.accumulate(tokens, initial=0), tokens)}
     pairs = torch.empty(ids.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device)
+    on_host: list[tuple[torch.Tensor, Future]] = []
     for batch in provider.provide(layer, hit, [table[1][i] for i in hit], tokens, prefetch):
         batch.sort(key=lambda p: p[0])  # expert order, as in `order`
         if len(batch) == len(hit):
@@ -129,9 +149,24 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
         else:
             where = order[[i for ex, _ in batch for i in range(spans[ex].start, spans[ex].stop)]]
         counts = [spans[ex].stop - spans[ex].start for ex, _ in batch]
-        pairs[where] = _run_batch(flat[where // ids.shape[1]], [w for _, w in batch], counts, e, ids.shape)
+        args = ([w for _, w in batch], counts, e, ids.shape)
+        if isinstance(batch, HostBatch):  # its rows cross to the host once; the device's batches go on meanwhile
+            on_host.append((where, host_worker().submit(run_on_host, torch.get_num_threads(), flat[where // ids.shape[1]].to("cpu"), *args)))
+        else:
+            pairs[where] = _run_batch(flat[where // ids.shape[1]], *args)
+    for where, job in on_host:
+        pairs[where] = job.result().to(pairs.device, non_blocking=True)
     out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
     return out.to(flat.dtype).view_as(x)
+
+
+def run_on_host(threads: int, *args) -> torch.Tensor:
+    """A HostBatch's job on the host worker (also what the planner times as the CPU's expert throughput):
+    _run_batch with the caller's torch threads and in inference mode, both per thread and not inherited (a
+    product's rounding depends on how many threads split it)."""
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        return _run_batch(*args)
 
 
 def _run_batch(x: torch.Tensor, experts: list[dict[str, torch.Tensor]], counts: list[int], e: ExpertSpec,
