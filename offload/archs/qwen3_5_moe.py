@@ -91,10 +91,24 @@ _rename = Renamer([
 OFFSET_NORM = re.compile(r"(layers\.\d+\.)?(input_norm|post_attn_norm|norm|attn\.[qk]_norm)")
 
 
+# The MTP module's own tensors, by the names offload.model.mtp gives them (as MiMo-V2-Flash's MTP layer holds them)
+MTP_OWN = {"pre_fc_norm_embedding.weight": "enorm", "pre_fc_norm_hidden.weight": "hnorm", "fc.weight": "eh_proj",
+           "norm.weight": "final_norm"}
+
+
 def convert(name: str, read: ReadTensor) -> Converted:
-    if name.startswith("mtp."):  # kept for multi-token prediction; not part of the main decoder
-        return [(name, read(name))]
-    target = _rename(name.replace("model.language_model.", "model.", 1))
+    if name.startswith("mtp."):  # multi-token prediction: `mtp.` + canonical names of its one layer (mtp.py)
+        rest = name[len("mtp."):]
+        if rest in MTP_OWN:
+            return [("mtp." + MTP_OWN[rest], read(name).float() + 1 if "norm" in rest else read(name))]
+        m = re.fullmatch(r"layers\.0\.(.+)", rest)
+        return [("mtp." + target, t) for target, t in _layer(f"model.layers.0.{m[1]}", name, read)] if m else []
+    return _layer(name.replace("model.language_model.", "model.", 1), name, read)
+
+
+def _layer(renamed: str, name: str, read: ReadTensor) -> Converted:
+    """`renamed`: the checkpoint name as Qwen3_5MoeForCausalLM's; `name`: as stored."""
+    target = _rename(renamed)
     if target is None:
         return []
     tensor = read(name)

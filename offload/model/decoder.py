@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import AttentionSpec, ExpertSpec, LayerSpec, LinearAttentionSpec, ModelSpec
+from ..spec import AttentionSpec, ExpertSpec, LinearAttentionSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
 from .hooks import DecoderHook
 from .kv_cache import KVCache
 from .linear import linear
 from .linear_attention import gated_deltanet
-from .moe import ExpertProvider, expert_mlp, moe, route
+from .moe import ExpertProvider, expert_mlp, moe, route, shared_expert
 from .norm import rms_norm
 from .rope import RotaryTable
 from .threads import threads_for, with_threads
@@ -28,12 +28,6 @@ def _mixer_weights(w: dict[str, torch.Tensor], a: AttentionSpec | LinearAttentio
     if isinstance(a, LinearAttentionSpec):
         return w
     return fuse_qkv(w, a)
-
-
-def _shared_expert(x: torch.Tensor, w: dict, layer: LayerSpec) -> torch.Tensor:
-    """The dense shared expert beside the routed ones (always resident), times its sigmoid gate if it has one."""
-    out = expert_mlp(x, w["shared"], ExpertSpec(layer.shared_expert_size))
-    return torch.sigmoid(linear(x, w["shared_gate"])) * out if layer.shared_expert_gate else out
 
 
 class Decoder:
@@ -83,7 +77,7 @@ class Decoder:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
                 early = [p for hook in hooks for p in hook.routed(i, h, x, weights, ids, cache)]
                 out = moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
-                h = h + (out + _shared_expert(x, w, layer) if layer.shared_expert_size else out)
+                h = h + (out + shared_expert(x, w, layer) if layer.shared_expert_size else out)
             for hook in hooks:
                 hook.layer_done(i, h, x, cache)
         cache.length += T
