@@ -1,4 +1,5 @@
-"""The one generic decoder: embeddings -> layers (attention, then dense MLP or MoE) -> norm -> lm_head.
+"""The one generic decoder: embeddings -> layers (attention or Gated DeltaNet linear attention, then dense MLP or
+MoE, with a shared expert where the model has one) -> norm -> lm_head.
 
 Everything architecture-specific is in the ModelSpec; weights are canonical names (see
 `ModelSpec.expected_shapes`) and routed experts come from an ExpertProvider.
