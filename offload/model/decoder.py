@@ -14,7 +14,7 @@ from .attention import Step, attention, fuse_qkv
 from .hooks import DecoderHook
 from .kv_cache import KVCache
 from .linear import linear
-from .linear_attention import gated_deltanet
+from .linear_attention import gated_deltanet, prepare
 from .moe import ExpertProvider, expert_mlp, moe, route, shared_expert
 from .norm import rms_norm
 from .rope import RotaryTable
@@ -26,9 +26,7 @@ def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def _mixer_weights(w: dict[str, torch.Tensor], a: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tensor]:
-    if isinstance(a, LinearAttentionSpec):
-        return w
-    return fuse_qkv(w, a)
+    return prepare(w) if isinstance(a, LinearAttentionSpec) else fuse_qkv(w, a)
 
 
 class Decoder:

@@ -67,14 +67,40 @@ def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     return torch.cat(outs, 2), states
 
 
+def prepare(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's weights as gated_deltanet reads them: the four input projections as one matrix ("in", one
+    matrix-vector product per decode step instead of four: the same dot products) when they
+    are dense tensors of one dtype and device, and the decay's constants in fp32, computed once."""
+    w = dict(w)
+    parts = [w[n] for n in INPUTS]
+    if all(isinstance(t, torch.Tensor) for t in parts) and len({(t.dtype, t.device) for t in parts}) == 1:
+        w["in"] = torch.cat(parts)
+        for n in INPUTS:
+            del w[n]
+    w["neg_A"] = -w.pop("A_log").float().exp()
+    w["dt_bias"] = w["dt_bias"].float()
+    return w
+
+
+INPUTS = ("qkv", "z", "b", "a")
+
+
+def _inputs(x: torch.Tensor, w: dict[str, torch.Tensor], s: LinearAttentionSpec) -> list[torch.Tensor]:
+    if "in" not in w:  # quantized projections: one kernel call each
+        return [linear(x, w[n]) for n in INPUTS]
+    return list(linear(x, w["in"]).split([s.conv_channels, s.num_v_heads * s.v_head_dim, s.num_v_heads,
+                                          s.num_v_heads], -1))
+
+
 def gated_deltanet(x: torch.Tensor, w: dict[str, torch.Tensor], s: LinearAttentionSpec, eps: float,
                    valid: torch.Tensor, cache: LinearState) -> torch.Tensor:
-    """x [B, T, H] -> [B, T, H], reading and advancing `cache`. Padding (not `valid`) is zeroed first, as in
-    transformers: a zero input leaves the conv inputs zero and the state unchanged (k = 0), so a left-padded
-    row computes what the prompt alone does."""
+    """x [B, T, H] -> [B, T, H], reading and advancing `cache`; `w` as `prepare` leaves it. Padding (not `valid`)
+    is zeroed first, as in transformers: a zero input leaves the conv inputs zero and the state unchanged
+    (k = 0), so a left-padded row computes what the prompt alone does."""
     B, T, _ = x.shape
     x = x * valid[..., None].to(x.dtype)
-    window = torch.cat((cache.conv, linear(x, w["qkv"]).transpose(1, 2)), -1)  # [B, C, K-1+T]
+    qkv, z, b, a = _inputs(x, w, s)
+    window = torch.cat((cache.conv, qkv.transpose(1, 2)), -1)  # [B, C, K-1+T]
     mixed = F.silu(F.conv1d(window, w["conv"][:, None], groups=window.shape[1])).transpose(1, 2)
     nk, nv = s.num_k_heads * s.k_head_dim, s.num_v_heads * s.v_head_dim
     q, k, v = (t.reshape(B, T, -1, d).transpose(1, 2).float()
@@ -82,8 +108,8 @@ def gated_deltanet(x: torch.Tensor, w: dict[str, torch.Tensor], s: LinearAttenti
     if s.num_v_heads != s.num_k_heads:
         q, k = (t.repeat_interleave(s.num_v_heads // s.num_k_heads, dim=1) for t in (q, k))
     q, k = _l2norm(q) * s.k_head_dim ** -0.5, _l2norm(k)
-    beta = linear(x, w["b"]).sigmoid().float().transpose(1, 2)
-    g = (-w["A_log"].float().exp() * F.softplus(linear(x, w["a"]).float() + w["dt_bias"])).transpose(1, 2)
+    beta = b.sigmoid().float().transpose(1, 2)
+    g = (w["neg_A"] * F.softplus(a.float() + w["dt_bias"])).transpose(1, 2)
     if T == 1 or cache.records(T):
         out, states = recurrent_delta_rule(q, k, v, g, beta, cache.state)
     else:
@@ -92,6 +118,5 @@ def gated_deltanet(x: torch.Tensor, w: dict[str, torch.Tensor], s: LinearAttenti
     cache.update(window, states)
     out = out.transpose(1, 2).to(x.dtype)  # [B, T, Hv, Dv]
     normed = w["norm"] * F.rms_norm(out.float(), out.shape[-1:], None, eps).to(x.dtype)
-    z = linear(x, w["z"]).view(B, T, s.num_v_heads, s.v_head_dim)
-    out = (normed * F.silu(z.float())).to(x.dtype)
+    out = (normed * F.silu(z.reshape(B, T, s.num_v_heads, s.v_head_dim).float())).to(x.dtype)
     return linear(out.reshape(B, T, -1), w["o"])
