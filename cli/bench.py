@@ -63,6 +63,24 @@ def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a
 
 
 @app.command()
+def deltanet(prompt: int = typer.Option(512, min=1, help="Prompt tokens of the chunked (prefill) form."),
+             heads: int = typer.Option(32, min=1, help="Value heads (Qwen3.5-35B-A3B: 32)."),
+             runs: int = typer.Option(5, min=1, help="Timed runs each (median), after a warm-up, interleaved."),
+             threads: int = typer.Option(2, min=1),
+             json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """The gated delta rule of one Gated DeltaNet layer (Qwen3.5-MoE), ours against transformers' torch path:
+    chunked prefill tokens/s and recurrent decode steps/s on the CPU."""
+    import json
+
+    from offload.bench.linear_attention import run
+
+    results = run(prompt, heads, runs=runs, threads=threads)
+    print(json.dumps(results, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
 def profile(model: Path | None = typer.Option(None, help="Checkpoint dir (default: e2e's OLMoE-shaped one)."),
             tokens: int = typer.Option(16, min=1, help="Decode tokens per timed run."),
             runs: int = typer.Option(5, min=1, help="Unprofiled timing runs (median)."),

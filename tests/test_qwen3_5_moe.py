@@ -169,3 +169,13 @@ def test_greedy_speculative_equals_plain(with_mtp, cache_experts, draft):
         assert fast.tolist() == plain.tolist()
     stats = model.stats()["speculative"]
     assert stats["drafted"] > stats["accepted"] > 0  # drafts both accepted and rejected: both paths ran
+
+
+def test_deltanet_bench_compares_the_same_rule():
+    """`offload-bench deltanet` times ours and transformers' delta rules on the same inputs: their outputs agree
+    (both forms, a prompt past the chunk size)."""
+    from offload.bench.linear_attention import run
+
+    results = run(prompt=CHUNK + 6, heads=2, dk=16, dv=24, runs=1, threads=1)
+    for case in ("prefill", "decode"):
+        assert results[case]["max_abs_diff"] <= 1e-5 and results[case]["ours"] > 0

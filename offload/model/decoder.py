@@ -21,7 +21,8 @@ from .rope import RotaryTable
 from .threads import threads_for, with_threads
 
 
-def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, the prefix stripped."""
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
@@ -38,8 +39,8 @@ class Decoder:
         self.embed = weights["embed"]
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
-        self.layers = [{"attn": _mixer_weights(_group(weights, f"layers.{i}.attn."), layer.attention)}
-                       | {part: _group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router", "shared")}
+        self.layers = [{"attn": _mixer_weights(group(weights, f"layers.{i}.attn."), layer.attention)}
+                       | {part: group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router", "shared")}
                        | {name: weights[f"layers.{i}.{name}"] for name in ("input_norm", "post_attn_norm",
                                                                            "shared_gate")
                           if f"layers.{i}.{name}" in weights}

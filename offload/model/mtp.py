@@ -18,6 +18,7 @@ from ..archs.base import Renamer
 from ..engine.resident import ResidentExperts
 from ..spec import AttentionSpec, ExpertSpec, LayerSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
+from .decoder import group
 from .kv_cache import LayerCache
 from .linear import linear
 from .moe import expert_mlp, moe, route, shared_expert
@@ -53,26 +54,22 @@ def _layer_like(spec: ModelSpec) -> LayerSpec:
     return next((layer for layer in layers if layer.attention.window), layers[0])
 
 
-def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-
-
 class MTPHead:
     def __init__(self, weights: dict[str, torch.Tensor], spec: ModelSpec, embed: torch.Tensor,
                  lm_head: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
         self.spec, self.embed, self.lm_head = spec, embed, lm_head
         self.layer = _layer_like(spec)
         self.attn_spec = self.layer.attention
-        self.attn = fuse_qkv(_group(weights, "attn."), self.attn_spec)
+        self.attn = fuse_qkv(group(weights, "attn."), self.attn_spec)
         self.w = {k: v for k, v in weights.items() if not k.startswith("attn.")} | {f"attn.{k}": v
                                                                                    for k, v in self.attn.items()}
-        self.mlp = _group(weights, "mlp.")
+        self.mlp = group(weights, "mlp.")
         if self.mlp:  # dense
             self.mlp_spec = ExpertSpec(weights["mlp.gate"].shape[0])
         else:  # MoE like the main model's, its experts resident
-            self.router = _group(weights, "router.")
-            self.shared = {"shared": _group(weights, "shared."), "shared_gate": weights.get("shared_gate")}
-            self.experts = ResidentExperts({(0, e): _group(weights, f"experts.{e}.")
+            self.router = group(weights, "router.")
+            self.shared = {"shared": group(weights, "shared."), "shared_gate": weights.get("shared_gate")}
+            self.experts = ResidentExperts({(0, e): group(weights, f"experts.{e}.")
                                             for e in range(spec.router.num_experts)})
         self.rotary = RotaryTable(self.attn_spec.rope, device)
         self.threads = threads_for([*self.w.values(), embed, lm_head], device)
