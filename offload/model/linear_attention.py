@@ -32,7 +32,7 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     fp32 -> (out [B, H, T, Dv], state after the last token)."""
     B, H, T, _ = k.shape
     pad = -T % CHUNK
-    q, k, v = (F.pad(x, (0, 0, 0, pad)).view(B, H, -1, CHUNK, x.shape[-1]) for x in (q, k, v))
+    q, k, v = (F.pad(x.contiguous(), (0, 0, 0, pad)).view(B, H, -1, CHUNK, x.shape[-1]) for x in (q, k, v))
     beta, g = (F.pad(x, (0, pad)).view(B, H, -1, CHUNK) for x in (beta, g))
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
     upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
