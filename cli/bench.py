@@ -48,16 +48,36 @@ def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a
         prompt_tokens: int = typer.Option(32, min=1),
         threads: int = typer.Option(2, min=1, help="Threads of every contender."),
         cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0, help="Experts kept by offloaded contenders."),
-        json_out: Path | None = typer.Option(None, "--json")) -> None:
+        json_out: Path | None = typer.Option(None, "--json"),
+        shape: str = typer.Option("olmoe", help="Generated checkpoint when no --model: olmoe (1.74B, 64 experts) "
+                                                "or qwen3_5_moe (1.75B, Qwen3.5-35B-A3B's proportions).")) -> None:
     """Decode and prefill tok/s, time to first token, load time, peak RSS and roofline fraction of every contender
     (ours, transformers, transformers + accelerate offload, llama.cpp: built on demand into a cache) on the CPU."""
     from offload.bench.e2e import run
 
     names = [n.strip() for n in contenders.split(",") if n.strip()] or None
     try:
-        run(model, names, rounds, reps, tokens, prompt_tokens, threads, cache_fraction, json_out)
+        run(model, names, rounds, reps, tokens, prompt_tokens, threads, cache_fraction, json_out, shape)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+@app.command()
+def deltanet(prompt: int = typer.Option(512, min=1, help="Prompt tokens of the chunked (prefill) form."),
+             heads: int = typer.Option(32, min=1, help="Value heads (Qwen3.5-35B-A3B: 32)."),
+             runs: int = typer.Option(5, min=1, help="Timed runs each (median), after a warm-up, interleaved."),
+             threads: int = typer.Option(2, min=1),
+             json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """The gated delta rule of one Gated DeltaNet layer (Qwen3.5-MoE), ours against transformers' torch path:
+    chunked prefill tokens/s and recurrent decode steps/s on the CPU."""
+    import json
+
+    from offload.bench.linear_attention import run
+
+    results = run(prompt, heads, runs=runs, threads=threads)
+    print(json.dumps(results, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
 
 
 @app.command()

@@ -154,7 +154,9 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
                                         predictors=load_predictors(path, spec.hidden_size, dev, dtype)))
     if recorder is not None:
         decoder.hooks.append(recorder)
-    model = MoEModel(decoder, spec, path, {k: v.to(dev) for k, v in mtp.items()})
+    # An offloaded model keeps the MTP layer's routed experts (Qwen3.5-MoE) on the host: they run there
+    model = MoEModel(decoder, spec, path, {k: v if offloaded and ".experts." in k else v.to(dev)
+                                           for k, v in mtp.items()})
     model.plan = model_plan
     release_freed()  # what the load freed (16-bit weights it quantized, read buffers) goes back to the OS
     return model

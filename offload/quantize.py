@@ -10,8 +10,9 @@ from offload.quant import Preset, QuantizedTensor, QuantSpec, get_preset
 
 from .loader import Quantizer
 
-ROLES = [(re.compile(r"layers\.\d+\.attn\.[qkvo]"), "attention"), (re.compile(r"layers\.\d+\.mlp\.(gate|up|down)"),
-                                                                   "dense_mlp"),
+# attention projections include the Gated DeltaNet's (qkv, z) input projections
+ROLES = [(re.compile(r"layers\.\d+\.attn\.([qkvo]|qkv|z)"), "attention"),
+         (re.compile(r"layers\.\d+\.mlp\.(gate|up|down)"), "dense_mlp"),
          (re.compile(r"layers\.\d+\.experts\.\d+\.(gate|up|down)"), "expert")]
 
 

@@ -40,6 +40,22 @@ class AttentionSpec:
     o_bias: bool = False
     value_scale: float = 1.0
     clip_qkv: float | None = None
+    output_gate: bool = False  # Qwen3.5: output * sigmoid(gate); q's projection holds the gate's rows too
+
+
+@dataclass(frozen=True)
+class LinearAttentionSpec:
+    """Gated DeltaNet (Qwen3.5-MoE's linear attention): a causal depthwise conv over the q/k/v projection, then
+    the gated delta rule over a [k_head_dim, v_head_dim] state per value head; no positions, no KV cache."""
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
 
 
 @dataclass(frozen=True)
@@ -66,9 +82,11 @@ class ExpertSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    attention: AttentionSpec
+    attention: AttentionSpec | LinearAttentionSpec
     mlp: Literal["dense", "moe"]
     dense_intermediate_size: int = 0
+    shared_expert_size: int = 0  # a dense expert beside the routed ones (MoE layers; 0: none)
+    shared_expert_gate: bool = False  # Qwen3.5: its output times sigmoid(a learned projection of the input)
 
 
 @dataclass(frozen=True)
@@ -99,20 +117,16 @@ class ModelSpec:
             shapes["lm_head"] = (self.vocab_size, H)
         for i, layer in enumerate(self.layers):
             a, p = layer.attention, f"layers.{i}."
-            q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
-            shapes |= {p + "input_norm": (H,), p + "post_attn_norm": (H,),
-                       p + "attn.q": (q_out, H), p + "attn.k": (kv_out, H), p + "attn.v": (v_out, H),
-                       p + "attn.o": (H, a.num_heads * a.v_head_dim)}
-            if a.qkv_bias:
-                shapes |= {p + "attn.q_bias": (q_out,), p + "attn.k_bias": (kv_out,), p + "attn.v_bias": (v_out,)}
-            if a.o_bias:
-                shapes[p + "attn.o_bias"] = (H,)
-            if a.qk_norm == "head":
-                shapes |= {p + "attn.q_norm": (a.head_dim,), p + "attn.k_norm": (a.head_dim,)}
-            elif a.qk_norm == "full":
-                shapes |= {p + "attn.q_norm": (q_out,), p + "attn.k_norm": (kv_out,)}
-            if a.sinks:
-                shapes[p + "attn.sinks"] = (a.num_heads,)
+            shapes |= {p + "input_norm": (H,), p + "post_attn_norm": (H,)}
+            if isinstance(a, LinearAttentionSpec):
+                shapes |= _linear_attention_shapes(a, H, p + "attn.")
+            else:
+                shapes |= _attention_shapes(a, H, p + "attn.")
+            if layer.shared_expert_size:
+                n = layer.shared_expert_size
+                shapes |= {p + "shared.gate": (n, H), p + "shared.up": (n, H), p + "shared.down": (H, n)}
+            if layer.shared_expert_gate:
+                shapes[p + "shared_gate"] = (1, H)
             if layer.mlp == "dense":
                 inter = layer.dense_intermediate_size
                 shapes |= {p + "mlp.gate": (inter, H), p + "mlp.up": (inter, H), p + "mlp.down": (H, inter)}
@@ -131,3 +145,26 @@ class ModelSpec:
                     shapes |= {q + "gate_bias": (e.intermediate_size,), q + "up_bias": (e.intermediate_size,),
                                q + "down_bias": (H,)}
         return shapes
+
+
+def _attention_shapes(a: AttentionSpec, H: int, p: str) -> dict[str, tuple[int, ...]]:
+    q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+    shapes = {p + "q": ((2 if a.output_gate else 1) * q_out, H), p + "k": (kv_out, H), p + "v": (v_out, H), p + "o": (H, a.num_heads * a.v_head_dim)}
+    if a.qkv_bias:
+        shapes |= {p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (v_out,)}
+    if a.o_bias:
+        shapes[p + "o_bias"] = (H,)
+    if a.qk_norm == "head":
+        shapes |= {p + "q_norm": (a.head_dim,), p + "k_norm": (a.head_dim,)}
+    elif a.qk_norm == "full":
+        shapes |= {p + "q_norm": (q_out,), p + "k_norm": (kv_out,)}
+    if a.sinks:
+        shapes[p + "sinks"] = (a.num_heads,)
+    return shapes
+
+
+def _linear_attention_shapes(a: LinearAttentionSpec, H: int, p: str) -> dict[str, tuple[int, ...]]:
+    value = a.num_v_heads * a.v_head_dim
+    return {p + "qkv": (a.conv_channels, H), p + "z": (value, H), p + "b": (a.num_v_heads, H),
+            p + "a": (a.num_v_heads, H), p + "conv": (a.conv_channels, a.conv_kernel), p + "A_log": (a.num_v_heads,),
+            p + "dt_bias": (a.num_v_heads,), p + "norm": (a.v_head_dim,), p + "o": (H, value)}

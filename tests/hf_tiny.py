@@ -20,7 +20,14 @@ ARCHS: dict[str, dict] = {
     "mimo_v2_flash": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=6,
                           num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16,
                           n_routed_experts=8, num_experts_per_tok=2, sliding_window=8),
+    # layers: 3 Gated DeltaNet + 1 gated full attention; odd vocabulary; value heads share key heads (4 to 2)
+    "qwen3_5_moe": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=24, linear_conv_kernel_dim=4, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2, vocab_size=257),
 }
+# transformers' model_type where it differs from ours: Qwen3.5-MoE's text model (the multimodal config nests it)
+HF_TYPES = {"qwen3_5_moe": "qwen3_5_moe_text"}
 # save_pretrained(max_shard_size=...) sizes at which some layer's experts have down_proj in an earlier shard than
 # gate/up and another layer's do not; the other architectures' shards always hold down_proj first.
 SHARD_SIZES = {"gpt_oss": "220KB", "mixtral": "300KB"}
@@ -30,7 +37,7 @@ COMMON = dict(vocab_size=256, max_position_embeddings=512, bos_token_id=None, eo
 def hf_config(arch: str, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(arch, **(COMMON | ARCHS[arch] | overrides))
+    return AutoConfig.for_model(HF_TYPES.get(arch, arch), **(COMMON | ARCHS[arch] | overrides))
 
 
 @torch.no_grad()

@@ -9,11 +9,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from offload.bench.e2e import OLMOE_1B, active_bytes, make_checkpoint
+from offload.bench.e2e import OLMOE_1B, QWEN3_5_2B, active_bytes, make_checkpoint
+
+import offload
 
 BIN = Path(sys.executable).parent
 TINY = OLMOE_1B | dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2)
+TINY_QWEN3_5 = QWEN3_5_2B | dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                 head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                 linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, shared_expert_intermediate_size=32)
 CONTENDERS = ["ours-resident-bf16", "ours-offloaded-bf16", "transformers", "transformers-accelerate"]
 
 
@@ -48,15 +54,26 @@ def test_offloaded_generates_what_resident_generates(report):
     assert contenders["ours-offloaded-bf16"]["tokens"] == contenders["ours-resident-bf16"]["tokens"]
 
 
-def test_active_bytes_counts_what_a_token_reads():
+@pytest.mark.parametrize("config", [TINY, TINY_QWEN3_5], ids=["olmoe", "qwen3_5_moe"])
+def test_active_bytes_counts_what_a_token_reads(config):
     """bf16: every parameter but the embedding table (one row) and the experts not routed to, at 2 bytes."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))
-    share = TINY["num_experts_per_tok"] / TINY["num_experts"]
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    share = config["num_experts_per_tok"] / config["num_experts"]
     params = sum(p.numel() * (share if ".experts." in n else 1) for n, p in model.named_parameters()
-                 if "embed_tokens" not in n) + TINY["hidden_size"]
-    assert active_bytes(TINY, "bf16") == 2 * params
-    assert active_bytes(TINY, "a4e2") < active_bytes(TINY, "a4e4") < active_bytes(TINY, "bf16")
+                 if "embed_tokens" not in n) + config["hidden_size"]
+    assert active_bytes(config, "bf16") == 2 * params
+    assert active_bytes(config, "a4e2") < active_bytes(config, "a4e4") < active_bytes(config, "bf16")
+
+
+def test_qwen3_5_shape_checkpoint_loads(tmp_path):
+    """The generated Qwen3.5-MoE-shaped checkpoint (`--shape qwen3_5_moe`, here scaled down) is one our loader
+    and transformers both read, with the same greedy tokens."""
+    path = make_checkpoint(tmp_path / "qwen3_5", TINY_QWEN3_5)
+    ids = torch.randint(1, TINY_QWEN3_5["vocab_size"], (1, 70), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = ref.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert offload.load(path, dtype=torch.float32).generate(ids, max_new_tokens=4).tolist() == expected.tolist()
 
 
 def test_unknown_contender_is_refused():

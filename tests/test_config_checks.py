@@ -64,7 +64,7 @@ def _matches_reference(path: Path, ref) -> None:
 
 # --- tensors config.json does not account for ---------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "mimo_v2_flash"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "mimo_v2_flash", "qwen3_5_moe"])
 def test_fewer_layers_in_config_than_in_checkpoint(base, tmp_path, arch):
     n = json.loads((base(arch)[0] / "config.json").read_text())["num_hidden_layers"]
     extra = {"layer_types": None, "mlp_layer_types": None} if arch != "mixtral" else {}
@@ -93,7 +93,7 @@ def test_tied_embeddings_but_checkpoint_has_lm_head(base, tmp_path):
     _rejects(path, CheckpointError, "lm_head.weight")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash", "qwen3_5_moe"])
 def test_rotary_inv_freq_caches_are_ignored(base, tmp_path, arch):
     """Old checkpoints store rotary_emb.inv_freq per layer; transformers ignores them, so do we."""
     path = _variant(base, arch, tmp_path, tensors=lambda sd: sd.update(
@@ -225,7 +225,7 @@ def test_mimo_sliding_window_size_is_window_minus_one(base, tmp_path):
 
 # --- real-size configs: every tensor transformers' model has is accounted for ----------------------------------
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash", "qwen3_5_moe"])
 def test_transformers_default_config_accounts_for_every_tensor(arch):
     """transformers' default config of each class is the released model's: its full-size state dict (built on the
     meta device) maps onto exactly the tensors our spec expects, with their shapes, and nothing is left over."""

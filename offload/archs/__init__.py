@@ -3,10 +3,11 @@ from types import ModuleType
 
 from ..errors import ModelFormatError
 from ..spec import ModelSpec
-from . import gpt_oss, mimo_v2_flash, mixtral, olmoe, qwen3_moe
+from . import gpt_oss, mimo_v2_flash, mixtral, olmoe, qwen3_5_moe, qwen3_moe
 from .rules import check
 
 ADAPTERS: dict[str, ModuleType] = {m.model_type: m for m in (mixtral, qwen3_moe, olmoe, gpt_oss, mimo_v2_flash)}
+ADAPTERS |= {name: qwen3_5_moe for name in (qwen3_5_moe.model_type, *qwen3_5_moe.aliases)}
 
 
 def adapter_for(config: dict) -> ModuleType:

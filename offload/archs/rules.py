@@ -3,13 +3,17 @@ built (fields are named as transformers names them); a spec that passes describe
 would run the same way."""
 from __future__ import annotations
 
-from ..spec import ModelSpec
+from ..spec import LinearAttentionSpec, ModelSpec
 from .base import bad
 
 
 def check(spec: ModelSpec) -> ModelSpec:
     for layer in spec.layers:
         a = layer.attention
+        if isinstance(a, LinearAttentionSpec):
+            if a.num_v_heads % a.num_k_heads:
+                raise bad("linear_num_key_heads", a.num_k_heads, f"a divisor of linear_num_value_heads={a.num_v_heads}")
+            continue
         if a.num_heads % a.num_kv_heads:
             kind = "sliding-window" if a.window else "full-attention"
             raise bad("num_key_value_heads", a.num_kv_heads, f"a divisor of num_attention_heads={a.num_heads} "

@@ -10,6 +10,7 @@ token divided by the streaming-read bandwidth measured in the same run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,6 +25,18 @@ OLMOE_1B = dict(model_type="olmoe", vocab_size=32000, hidden_size=1024, intermed
                 num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
                 max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0)
 DEFAULT_DIR = Path.home() / ".cache" / "moe-offload" / "bench-olmoe-1.7b"
+# Qwen3.5-35B-A3B's proportions at 1.75B params: 256 experts top-8 with a gated shared expert, expert width a
+# quarter of hidden, 3 Gated DeltaNet layers to 1 gated full-attention layer, q width 2x hidden, 8:1 GQA, value
+# heads 2x key heads (head dims 128); hidden 1024 (half), 8 layers (40 there), a 32k vocabulary (248k there).
+# 156M params read per decoded token, 8.9% of the total (8.6% there).
+QWEN3_5_2B = dict(model_type="qwen3_5_moe_text", vocab_size=32000, hidden_size=1024, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=2, head_dim=128, linear_num_key_heads=8,
+                  linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                  linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=256,
+                  shared_expert_intermediate_size=256, max_position_embeddings=4096, bos_token_id=None,
+                  eos_token_id=None, pad_token_id=0)
+SHAPES = {"olmoe": (OLMOE_1B, DEFAULT_DIR),
+          "qwen3_5_moe": (QWEN3_5_2B, Path.home() / ".cache" / "moe-offload" / "bench-qwen3_5_moe-1.75b")}
 
 
 def make_checkpoint(path: Path, config: dict = OLMOE_1B, shard_bytes: int = 1 << 30) -> Path:
@@ -76,21 +89,26 @@ def make_checkpoint(path: Path, config: dict = OLMOE_1B, shard_bytes: int = 1 <<
 
 
 def active_bytes(config: dict, quant: str) -> int:
-    """Weight bytes one decoded token reads in our layout: attention, router, top-k experts (at the preset's
-    stored size), norms, the LM head and one embedding row."""
+    """Weight bytes one decoded token reads in our layout: every tensor the model has (at the preset's stored size
+    for the roles it quantizes, 16-bit otherwise) but the experts not routed to and the embedding table, of which
+    it reads one row."""
+    from offload.archs import read_spec
     from offload.quant import get_preset
+    from offload.quantize import role_spec
 
     preset = get_preset("none" if quant == "bf16" else quant)
-    h, inter, e = config["hidden_size"], config["intermediate_size"], config["num_experts"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    hd = config.get("head_dim") or h // heads
-    attention = sum(preset.spec("attention").nbytes(s) for s in [(heads * hd, h), (kv * hd, h), (kv * hd, h),
-                                                                   (h, heads * hd)])
-    experts = config["num_experts_per_tok"] * (2 * preset.spec("expert").nbytes((inter, h))
-                                               + preset.spec("expert").nbytes((h, inter)))
-    norms = 2 * (2 * h + heads * hd + kv * hd)
-    layer = attention + 2 * e * h + experts + norms
-    return config["num_hidden_layers"] * layer + 2 * (config["vocab_size"] * h + 2 * h)
+    spec = read_spec(config)[1]
+    dense = experts = 0
+    for name, shape in spec.expected_shapes().items():
+        stored = role_spec(preset, name)
+        size = stored.nbytes(shape) if stored is not None else 2 * math.prod(shape)
+        if name == "embed":
+            dense += 2 * shape[1] + (size if spec.tie_word_embeddings else 0)
+        elif ".experts." in name:
+            experts += size
+        else:
+            dense += size
+    return dense + experts * spec.router.top_k // spec.router.num_experts
 
 
 def _subprocess(args: list[str], threads: int, pythonpath: str | None = None, timeout: float = 3600) -> str:
@@ -147,12 +165,16 @@ def _summary(values: list[float]) -> dict:
 
 def run(path: Path | None = None, contenders: list[str] | None = None, rounds: int = 3, reps: int = 2,
         tokens: int = 64, prompt_tokens: int = 32, threads: int = 2, cache_fraction: float = 0.25,
-        json_out: Path | None = None) -> dict:
+        json_out: Path | None = None, shape: str = "olmoe") -> dict:
+    """`shape`: the generated checkpoint used when `path` is None (SHAPES)."""
     names = contenders or list(CONTENDERS)
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise ValueError(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
-    path = make_checkpoint(path or DEFAULT_DIR)
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {list(SHAPES)}")
+    config, directory = SHAPES[shape]
+    path = make_checkpoint(path or directory, config)
     config = json.loads((path / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     common = {"prompt": torch.randint(3, config["vocab_size"], (prompt_tokens,), generator=g).tolist(),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ..spec import ModelSpec
+from ..spec import LinearAttentionSpec, ModelSpec
 
 HEADROOM = 0.9  # leave 10% of free memory for activations, allocator slack and other processes
 
@@ -39,10 +39,14 @@ def free_device_memory(device: torch.device) -> int:
 
 
 def kv_bytes(spec: ModelSpec, context: int, dtype_bytes: int) -> int:
-    """KV cache bytes for one sequence of `context` tokens (sliding layers hold only their window)."""
+    """KV cache bytes for one sequence of `context` tokens (sliding layers hold only their window, linear-attention
+    layers a fixed state)."""
     total = 0
     for layer in spec.layers:
         a = layer.attention
+        if isinstance(a, LinearAttentionSpec):
+            total += a.num_v_heads * a.k_head_dim * a.v_head_dim * 4 + a.conv_channels * (a.conv_kernel - 1) * dtype_bytes
+            continue
         positions = min(context, a.window) if a.window else context
         total += positions * a.num_kv_heads * (a.head_dim + a.v_head_dim) * dtype_bytes
     return total

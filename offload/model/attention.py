@@ -65,11 +65,22 @@ def fuse_qkv(w: dict, a: AttentionSpec) -> dict:
     return w
 
 
-def _project(x: torch.Tensor, w: dict, a: AttentionSpec, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, T, H] -> (q and k normed, as [B, T, Hq + Hkv, D]; v [B, T, Hkv * Dv])."""
+def _project(x: torch.Tensor, w: dict, a: AttentionSpec,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [B, T, H] -> (q and k normed, as [B, T, Hq + Hkv, D]; v [B, T, Hkv * Dv]; the output gate's
+    pre-activation [B, T, Hq * D], or None). With an output gate, q's projection gives per head D query
+    channels then D gate channels, as in transformers."""
     B, T, _ = x.shape
-    nq, nk = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    if "qkv" in w:
+    nq, nk, nv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+    gate = None
+    if a.output_gate:
+        if "qkv" in w:
+            q, k, v = linear(x, w["qkv"]).split([2 * nq, nk, nv], -1)
+        else:
+            q, k, v = (linear(x, w[n]) for n in ("q", "k", "v"))
+        q, gate = q.view(B, T, a.num_heads, 2, a.head_dim).unbind(3)
+        qk, gate = torch.cat((q.reshape(B, T, nq), k), -1), gate.reshape(B, T, nq)
+    elif "qkv" in w:
         qkv = linear(x, w["qkv"], w.get("qkv_bias"))
         qk, v = qkv[..., :nq + nk], qkv[..., nq + nk:]
     else:  # quantized projections: one kernel call each
@@ -85,14 +96,14 @@ def _project(x: torch.Tensor, w: dict, a: AttentionSpec, eps: float) -> tuple[to
     qk = qk.reshape(B, T, a.num_heads + a.num_kv_heads, a.head_dim)
     if a.qk_norm == "head":
         qk = rms_norm(qk, w["qk_norm"], eps)
-    return qk, v
+    return qk, v, gate
 
 
 def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps: float, step: Step,
               cache: LayerCache) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]; `w` as `fuse_qkv` leaves it (or plain q, k, v)."""
     B, T, _ = x.shape
-    qk, v = _project(x, w, a, eps)
+    qk, v, gate = _project(x, w, a, eps)
     cos, sin = step.rotary[a.rope]
     qk = apply_rotary(qk.transpose(1, 2), cos, sin)  # [B, Hq + Hkv, T, D]
     q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
@@ -115,4 +126,6 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps
         probs = torch.softmax(scores, dim=-1)  # computed in fp32, rounded once: as transformers' fp32 softmax
     probs = probs.to(keys.v.dtype).view(B, a.num_kv_heads, groups * T, -1)
     out = torch.matmul(probs, keys.v).view(B, a.num_heads, T, -1).transpose(1, 2).reshape(B, T, -1)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
     return linear(out, w["o"], w.get("o_bias"))

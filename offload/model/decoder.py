@@ -1,4 +1,5 @@
-"""The one generic decoder: embeddings -> layers (attention, then dense MLP or MoE) -> norm -> lm_head.
+"""The one generic decoder: embeddings -> layers (attention or Gated DeltaNet linear attention, then dense MLP or
+MoE, with a shared expert where the model has one) -> norm -> lm_head.
 
 Everything architecture-specific is in the ModelSpec; weights are canonical names (see
 `ModelSpec.expected_shapes`) and routed experts come from an ExpertProvider.
@@ -8,19 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import ExpertSpec, ModelSpec
+from ..spec import AttentionSpec, ExpertSpec, LinearAttentionSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
 from .hooks import DecoderHook
 from .kv_cache import KVCache
 from .linear import linear
-from .moe import ExpertProvider, expert_mlp, moe, route
+from .linear_attention import gated_deltanet, prepare
+from .moe import ExpertProvider, expert_mlp, moe, route, shared_expert
 from .norm import rms_norm
 from .rope import RotaryTable
 from .threads import threads_for, with_threads
 
 
-def _group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def group(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, the prefix stripped."""
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _mixer_weights(w: dict[str, torch.Tensor], a: AttentionSpec | LinearAttentionSpec) -> dict[str, torch.Tensor]:
+    return prepare(w) if isinstance(a, LinearAttentionSpec) else fuse_qkv(w, a)
 
 
 class Decoder:
@@ -32,12 +39,14 @@ class Decoder:
         self.embed = weights["embed"]
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
-        self.layers = [{"attn": fuse_qkv(_group(weights, f"layers.{i}.attn."), layer.attention)}
-                       | {part: _group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router")}
-                       | {"input_norm": weights[f"layers.{i}.input_norm"],
-                          "post_attn_norm": weights[f"layers.{i}.post_attn_norm"]}
+        self.layers = [{"attn": _mixer_weights(group(weights, f"layers.{i}.attn."), layer.attention)}
+                       | {part: group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router", "shared")}
+                       | {name: weights[f"layers.{i}.{name}"] for name in ("input_norm", "post_attn_norm",
+                                                                           "shared_gate")
+                          if f"layers.{i}.{name}" in weights}
                        for i, layer in enumerate(spec.layers)]
-        self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers}
+        self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers
+                       if isinstance(layer.attention, AttentionSpec)}
         self.threads = threads_for(weights.values(), device)
 
     def new_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
@@ -56,17 +65,19 @@ class Decoder:
         for hook in hooks:
             hook.start(T)
         for i, (layer, w) in enumerate(zip(spec.layers, self.layers)):
-            a = layer.attention
-            h = h + attention(rms_norm(h, w["input_norm"], spec.rms_norm_eps), w["attn"], a, spec.rms_norm_eps, step,
-                              cache.layers[i])
+            a, x = layer.attention, rms_norm(h, w["input_norm"], spec.rms_norm_eps)
+            if isinstance(a, LinearAttentionSpec):
+                h = h + gated_deltanet(x, w["attn"], a, spec.rms_norm_eps, valid, cache.layers[i])
+            else:
+                h = h + attention(x, w["attn"], a, spec.rms_norm_eps, step, cache.layers[i])
             x = rms_norm(h, w["post_attn_norm"], spec.rms_norm_eps)
             if layer.mlp == "dense":
                 h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
             else:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
                 early = [p for hook in hooks for p in hook.routed(i, h, x, weights, ids, cache)]
-                h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early,
-                            self.prefetch_count)
+                out = moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
+                h = h + (out + shared_expert(x, w, layer) if layer.shared_expert_size else out)
             for hook in hooks:
                 hook.layer_done(i, h, x, cache)
         cache.length += T

@@ -1,5 +1,6 @@
 """KV cache. Full-attention layers keep every position; sliding-window layers keep a ring of exactly `window`
-entries, so their memory is constant in sequence length. Storage grows as entries are written (doubling, from
+entries, and linear-attention layers a fixed-size state (LinearState), so their memory is constant in sequence
+length. Storage grows as entries are written (doubling, from
 CHUNK entries, up to the layer's capacity), so a generous max_new_tokens costs nothing until it is generated.
 
 Every cache entry records the sequence index it holds (-1 = empty) and, per batch row, whether it is a
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..spec import AttentionSpec
+from ..spec import AttentionSpec, LinearAttentionSpec
 
 CHUNK = 256  # entries first allocated per layer
 
@@ -86,13 +87,60 @@ class LayerCache:
         self.valid[:, slots] = valid
 
 
-class KVCache:
-    """One LayerCache per decoder layer, the running sequence length, and per MoE layer the router input at
-    each row's newest position when learned prefetch predictors will read it at the next token."""
+class LinearState:
+    """A Gated DeltaNet layer's per-sequence state: the conv's last kernel-1 inputs [B, C, K-1] and the recurrent
+    state [B, Hv, Dk, Dv] (fp32, as transformers keeps it). A roll-back (`truncate`) cannot subtract tokens from
+    a recurrent state, so when `keep` > 0 (speculative decoding) a forward of at most `keep` tokens records the
+    state after each of them (`record`), and truncate restores the one it needs."""
 
-    def __init__(self, attention_specs: list[AttentionSpec], batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str, slack: int = 0) -> None:
-        self.layers = [LayerCache(a, batch, max_len, dtype, device, slack) for a in attention_specs]
+    def __init__(self, spec: LinearAttentionSpec, batch: int, dtype: torch.dtype, device: torch.device | str,
+                 keep: int = 0) -> None:
+        self.conv = torch.zeros(batch, spec.conv_channels, spec.conv_kernel - 1, dtype=dtype, device=device)
+        self.state = torch.zeros(batch, spec.num_v_heads, spec.k_head_dim, spec.v_head_dim, dtype=torch.float32,
+                                 device=device)
+        self.keep = keep
+        self.length = 0  # tokens read so far
+        # the last forward when recorded: (its start, conv inputs, the state before it and after each token)
+        self.history: tuple[int, torch.Tensor, list[torch.Tensor]] | None = None
+
+    def records(self, tokens: int) -> bool:
+        return 0 < tokens <= self.keep
+
+    def update(self, conv_window: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """After a forward of T tokens: conv_window [B, C, K-1+T] (old conv state + the T new inputs) and the
+        recurrent state after each token (`records`) or only after the last."""
+        T = conv_window.shape[-1] - self.conv.shape[-1]
+        self.history = (self.length, conv_window, [self.state, *states]) if self.records(T) else None
+        self.conv, self.state = conv_window[..., T:], states[-1]
+        self.length += T
+
+    def truncate(self, length: int) -> None:
+        """Back to the state after the first `length` tokens; only within the last recorded forward."""
+        if length >= self.length:
+            return
+        start = self.history[0] if self.history else self.length
+        if length < start:
+            raise ValueError(f"a linear-attention state cannot roll back to {length} tokens from {self.length}: "
+                             "only the last forward of a cache made with slack is recorded")
+        _, window, states = self.history
+        n = length - start  # tokens of the last forward to keep
+        self.conv = window[..., n:n + self.conv.shape[-1]]
+        self.state = states[n]
+        self.length = length
+
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.state.nbytes
+
+
+class KVCache:
+    """One LayerCache (LinearState for linear attention) per decoder layer, the running sequence length, and per
+    MoE layer the router input at each row's newest position when learned prefetch predictors will read it at
+    the next token. `slack`: the most tokens a roll-back may take back (speculative verify steps)."""
+
+    def __init__(self, attention_specs: list[AttentionSpec | LinearAttentionSpec], batch: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str, slack: int = 0) -> None:
+        self.layers = [LinearState(a, batch, dtype, device, slack) if isinstance(a, LinearAttentionSpec)
+                       else LayerCache(a, batch, max_len, dtype, device, slack) for a in attention_specs]
         self.length = 0
         self.router_inputs: dict[int, torch.Tensor] = {}  # MoE layer -> [B, H]; a roll-back leaves it: a hint
 
@@ -105,4 +153,4 @@ class KVCache:
         self.length = length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for c in self.layers for t in (c.k, c.v))
+        return sum(c.nbytes() if isinstance(c, LinearState) else c.k.nbytes + c.v.nbytes for c in self.layers)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from offload.kernels import fused_moe, native
 from offload.kernels.dense import linear_fp32
 
-from ..spec import ExpertSpec, RouterSpec
+from ..spec import ExpertSpec, LayerSpec, RouterSpec
 from .linear import linear
 
 # Grouping stacks one copy of the expert's weights per (token, expert) pair: worth it on a GPU while that
@@ -64,6 +64,13 @@ def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], e: ExpertSpec) -> to
     """One expert (or dense MLP) on x [N, H]: SwiGLU, or gpt-oss's clamped variant with biases."""
     hidden = _activate(linear(x, w["gate"], w.get("gate_bias")), linear(x, w["up"], w.get("up_bias")), e)
     return linear(hidden, w["down"], w.get("down_bias"))
+
+
+def shared_expert(x: torch.Tensor, w: dict, layer: LayerSpec) -> torch.Tensor:
+    """The layer's dense shared expert (w["shared"], always resident), times sigmoid(w["shared_gate"] x) where
+    it is gated (Qwen3.5)."""
+    out = expert_mlp(x, w["shared"], ExpertSpec(layer.shared_expert_size))
+    return torch.sigmoid(linear(x, w["shared_gate"])) * out if layer.shared_expert_gate else out
 
 
 def grouped_expert_mlp(x: torch.Tensor, per_row: list[dict[str, torch.Tensor]], e: ExpertSpec,
