@@ -10,16 +10,19 @@ What it builds, end to end, with no network:
   3. one DeepSeek-V3-style MTP layer (`MTPLayer` below) trained jointly to predict token t+2 from the
      main model's final (normed) hidden state at t and the embedding of token t+1, sharing the embedding
      and the LM head; saved under `model.mtp.layers.0.*` in the layout of the real MiMo-V2-Flash checkpoints;
-  4. data: verifiable reasoning chats from `offload.demo.tasks`, generated on the fly from --seed; the
-     held-out split (`tasks.heldout`, its own fixed seed) is removed from the training stream.
+  4. data: verifiable reasoning chats of 1-4 turns in varied phrasings from `offload.demo.tasks`, generated
+     on the fly from --seed; every reply of a chat is learned; held-out questions (`tasks.is_heldout`) and
+     held-out phrasings (`tasks.UNSEEN`) never enter the training stream.
+  With --init DIR it fine-tunes DIR's checkpoint (weights, MTP layer, tokenizer) instead.
 
 The learning-rate schedule (linear warm-up, cosine decay to 10%) runs on wall-clock time so the run ends
 after --minutes whatever the load on the machine. The checkpoint is written to a temporary directory next
 to --out and its files are then renamed into --out (which may already hold other files, e.g. tasks.py).
 At the end the saved checkpoint is reloaded with transformers and measured: greedy exact match on the
-held-out tasks (transformers `generate`) and the MTP layer's first-draft acceptance under greedy decoding.
+held-out first turns, later turns and unseen phrasings (`offload.demo.evaluation`, transformers `generate`) and
+the MTP layer's first-draft acceptance under greedy decoding.
 
-    .venv/bin/python scripts/train_demo.py                               # the shipped run (42 min)
+    .venv/bin/python scripts/train_demo.py                               # from scratch, 42 min (writes offload/demo)
     .venv/bin/python scripts/train_demo.py --minutes 3 --out /tmp/demo    # a quick smoke run
 """
 from __future__ import annotations

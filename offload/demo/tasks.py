@@ -91,9 +91,11 @@ LETTER_FRAMES = ("How many times does the letter {c} appear in {w}?", "How many 
                  "How many {c}'s are in {w}?", "Count the letter {c} in {w}.", "How many times does {c} appear in {w}?")
 LETTER_FORMS = ("spelled", "whole")  # "b a n a n a" or "banana" (whole words only from LETTER_WORDS)
 WORD_STORIES = {
-    "+": (("{n} has {a} {i} and buys {b} more.", "{n} has {a} {i} and gets {b} more.", "{n} had {a} {i}, then bought {b} more."),
+    "+": (("{n} has {a} {i} and buys {b} more.", "{n} has {a} {i} and gets {b} more.",
+           "{n} had {a} {i}, then bought {b} more."),
           ("How many {i} does {n} have now?", "How many {i} now?", "How many does {n} have?")),
-    "-": (("{n} has {a} {i} and gives away {b}.", "{n} has {a} {i} and loses {b}.", "{n} had {a} {i}, then gave away {b}."),
+    "-": (("{n} has {a} {i} and gives away {b}.", "{n} has {a} {i} and loses {b}.",
+           "{n} had {a} {i}, then gave away {b}."),
           ("How many {i} does {n} have left?", "How many {i} are left?", "How many does {n} have left?")),
     "*": (("{n} has {a} boxes with {b} {i} in each box.", "{n} has {a} bags with {b} {i} in each bag.",
            "{n} buys {a} packs of {b} {i}."),
@@ -106,7 +108,8 @@ CHAIN_STARTS = ("Start with {x}, {ops}.", "Start at {x}, {ops}.", "Begin with {x
 CHAIN_JOINS = (", then ", ", ", " and then ")
 
 # The (frame, form) pairs never trained, per kind (frame and form indices as in the tables above; for add,
-# sub and mul a frame index past ARITH_FRAMES is a verb sentence, whose form is always 0).
+# sub and mul a frame index past ARITH_FRAMES is a verb sentence, whose form is always 0; for word, the
+# frame is 3 * operation (+ - * /) + sentence and the form the question).
 UNSEEN: dict[str, frozenset[tuple[int, int]]] = {
     "add": frozenset({(7, 1), (1, 2), (5, 2), (len(ARITH_FRAMES) + 4, 0)}),
     "sub": frozenset({(6, 1), (1, 0), (3, 2), (len(ARITH_FRAMES) + 4, 0)}),
