@@ -99,7 +99,8 @@ def profile(model: Path | None = typer.Option(None, help="Checkpoint dir (defaul
 def quality(model: str = typer.Option("demo", help="A checkpoint with the demo tasks' chat format."),
             n: int = typer.Option(200, min=1, help="Held-out tasks."),
             json_out: Path | None = typer.Option(None, "--json")) -> None:
-    """Held-out exact match and perplexity per preset, resident and offloaded (Table 1 of the paper)."""
+    """Held-out exact match (first turn, later turns, unseen phrasings; per task kind) and perplexity per preset,
+    resident and offloaded (Table 1 of the paper). Prints a line per step to stderr."""
     from offload.bench.quality import run
 
     run(model, n, json_out)

@@ -10,16 +10,19 @@ What it builds, end to end, with no network:
   3. one DeepSeek-V3-style MTP layer (`MTPLayer` below) trained jointly to predict token t+2 from the
      main model's final (normed) hidden state at t and the embedding of token t+1, sharing the embedding
      and the LM head; saved under `model.mtp.layers.0.*` in the layout of the real MiMo-V2-Flash checkpoints;
-  4. data: verifiable reasoning chats from `offload.demo.tasks`, generated on the fly from --seed; the
-     held-out split (`tasks.heldout`, its own fixed seed) is removed from the training stream.
+  4. data: verifiable reasoning chats of 1-4 turns in varied phrasings from `offload.demo.tasks`, generated
+     on the fly from --seed; every reply of a chat is learned; held-out questions (`tasks.is_heldout`) and
+     held-out phrasings (`tasks.UNSEEN`) never enter the training stream.
+  With --init DIR it fine-tunes DIR's checkpoint (weights, MTP layer, tokenizer) instead.
 
 The learning-rate schedule (linear warm-up, cosine decay to 10%) runs on wall-clock time so the run ends
 after --minutes whatever the load on the machine. The checkpoint is written to a temporary directory next
 to --out and its files are then renamed into --out (which may already hold other files, e.g. tasks.py).
 At the end the saved checkpoint is reloaded with transformers and measured: greedy exact match on the
-held-out tasks (transformers `generate`) and the MTP layer's first-draft acceptance under greedy decoding.
+held-out first turns, later turns and unseen phrasings (`offload.demo.evaluation`, transformers `generate`) and
+the MTP layer's first-draft acceptance under greedy decoding.
 
-    .venv/bin/python scripts/train_demo.py                               # the shipped run (42 min)
+    .venv/bin/python scripts/train_demo.py                               # from scratch, 42 min (writes offload/demo)
     .venv/bin/python scripts/train_demo.py --minutes 3 --out /tmp/demo    # a quick smoke run
 """
 from __future__ import annotations
@@ -88,7 +91,7 @@ def build_tokenizer(seed: int):
 
     rng = random.Random(seed + 7)
     corpus = [f"{q}\n{a}" for _, q, a in tasks.make_tasks(rng, 20000) if not tasks.is_heldout(q)]
-    corpus += ["You are a helpful assistant.", "Hello! How are you?"]
+    corpus += [*tasks.SYSTEM_PROMPTS, tasks.REFUSAL, "Hello! How are you?"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -103,15 +106,23 @@ def build_tokenizer(seed: int):
         padding_side="left", clean_up_tokenization_spaces=False)
 
 
-def encode_chat(tokenizer, question: str, answer: str | None = None) -> tuple[list[int], int]:
-    """Token ids of the chat and the length of its prompt (through `<|assistant|>`)."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                           add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if answer is None:
-        return ids, len(ids)
-    reply = tokenizer(answer + SPECIALS["eos"], add_special_tokens=False)["input_ids"]
-    return ids + reply, len(ids)
+def encode_chat(tokenizer, turns: list[tuple[str, str, str]],
+                system: str | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole chat as the chat template renders it, and which ids are learned (every
+    assistant reply and its end token). Every piece boundary is a special token, so piecewise encoding
+    equals encoding the rendered chat (checked by tests/test_demo.py)."""
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids, learn = [tokenizer.bos_token_id], [False]
+    if system:
+        ids += enc(f"<|system|>{system}{SPECIALS['eos']}")
+    for _, q, a in turns:
+        prompt = enc(f"<|user|>{q}{SPECIALS['eos']}<|assistant|>")
+        reply = enc(a + SPECIALS["eos"])
+        ids += prompt + reply
+        learn += [False] * (len(ids) - len(learn) - len(reply)) + [True] * len(reply)
+    return ids, learn
 
 
 # ----------------------------------------------------------------------------------------- MTP layer
@@ -185,14 +196,14 @@ def mtp_logits(model, mtp: MTPLayer, input_ids: torch.Tensor, hidden: torch.Tens
 
 # ----------------------------------------------------------------------------------------- data
 def batches(tokenizer, seed: int, batch_size: int, pad_id: int):
-    """Endless (input_ids, labels) batches: a pool of 16 batches is sorted by length so padding stays small."""
+    """Endless (input_ids, labels) batches of 1-4-turn chats (no held-out question): a pool of 16 batches is
+    sorted by length so padding stays small."""
     rng = random.Random(seed)
     while True:
         pool = []
         while len(pool) < 16 * batch_size:
-            _, q, a = tasks.make_tasks(rng, 1, TRAIN_WEIGHTS)[0]
-            if not tasks.is_heldout(q):
-                pool.append(encode_chat(tokenizer, q, a))
+            system, turns = tasks.make_conversation(rng, TRAIN_WEIGHTS)
+            pool.append(encode_chat(tokenizer, turns, system))
         pool.sort(key=lambda x: len(x[0]))
         chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
         rng.shuffle(chunks)
@@ -201,13 +212,14 @@ def batches(tokenizer, seed: int, batch_size: int, pad_id: int):
 
 
 def collate(items, pad_id: int):
-    """Right-padded ids and labels (-100 on the prompt and the padding: only the reply is learned)."""
+    """Right-padded ids and labels (-100 on prompts and padding: only the replies are learned)."""
     T = max(len(ids) for ids, _ in items)
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     labels = torch.full((len(items), T), -100, dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(items):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+    for i, (ids, learn) in enumerate(items):
+        row = torch.tensor(ids)
+        input_ids[i, :len(ids)] = row
+        labels[i, :len(ids)] = torch.where(torch.tensor(learn), row, -100)
     return input_ids, labels
 
 
@@ -287,11 +299,12 @@ def lr_at(progress: float, lr: float, warmup: float = 0.03) -> float:
 @torch.no_grad()
 def teacher_forced_eval(model, mtp, tokenizer, items, pad_id: int) -> dict:
     """Exact match under teacher forcing (every reply token is the argmax <=> greedy decoding reproduces the
-    reply) and the MTP draft accuracy on reply tokens, on (kind, question, answer) items."""
+    reply) and the MTP draft accuracy on reply tokens, on (system, turns) conversations (a chat counts as
+    exact when every one of its replies is)."""
     model.eval(), mtp.eval()
     ok = total = drafts_ok = drafts = 0
     for i in range(0, len(items), 100):
-        chunk = [encode_chat(tokenizer, q, a) for _, q, a in items[i:i + 100]]
+        chunk = [encode_chat(tokenizer, turns, system) for system, turns in items[i:i + 100]]
         input_ids, labels = collate(chunk, pad_id)
         hidden = model.model(input_ids=input_ids).last_hidden_state
         pred = model.lm_head(hidden).argmax(-1)
@@ -306,18 +319,36 @@ def teacher_forced_eval(model, mtp, tokenizer, items, pad_id: int) -> dict:
     return {"exact": ok / total, "mtp": drafts_ok / max(drafts, 1)}
 
 
-def train(args) -> tuple:
-    from transformers import MiMoV2FlashForCausalLM
+def initial(args) -> tuple:
+    """(model, MTP layer, tokenizer) to train: fresh (a tokenizer built from --seed and a random init), or
+    --init's checkpoint and tokenizer (a fine-tune that keeps the token ids the weights were trained on)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer, MiMoV2FlashForCausalLM
 
-    torch.manual_seed(args.seed)
-    tokenizer = build_tokenizer(args.seed)
-    vocab = 64 * math.ceil(len(tokenizer) / 64)
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIALS.items()}
-    config = model_config(vocab, ids["bos"], ids["eos"], ids["pad"], args.size)
+    if args.init:
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        config = AutoConfig.from_pretrained(args.init)
+    else:
+        tokenizer = build_tokenizer(args.seed)
+        vocab = 64 * math.ceil(len(tokenizer) / 64)
+        ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIALS.items()}
+        config = model_config(vocab, ids["bos"], ids["eos"], ids["pad"], args.size)
     config._attn_implementation = "eager"
     config._experts_implementation = "grouped_mm"  # ~1.4x faster training steps than the per-expert loop
-    model = MiMoV2FlashForCausalLM(config).float().train()
-    mtp = MTPLayer(config).float().train()
+    mtp = MTPLayer(config)
+    if args.init:
+        model = MiMoV2FlashForCausalLM.from_pretrained(args.init, config=config, dtype=torch.float32)
+        mtp.load_checkpoint_state(load_file(Path(args.init) / "model.safetensors"))
+    else:
+        model = MiMoV2FlashForCausalLM(config)
+    return model.float().train(), mtp.float().train(), tokenizer
+
+
+def train(args) -> tuple:
+    torch.manual_seed(args.seed)
+    model, mtp, tokenizer = initial(args)
+    vocab = model.config.vocab_size
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIALS.items()}
     n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in mtp.parameters())
     print(f"tokenizer: {len(tokenizer)} ids (model vocab {vocab}); params {n_params / 1e6:.2f} M "
           f"(main {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M)", flush=True)
@@ -329,7 +360,9 @@ def train(args) -> tuple:
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     balancer = RouterBalancer(model, args.bias_gamma)
     predictability = RoutingPredictability(model) if args.predict_weight else None
-    val = tasks.heldout(300, seed=tasks.HELDOUT_SEED + 1)  # monitoring only; the held-out set is reported at the end
+    # monitoring only (a seed of its own); the held-out sets are reported at the end
+    val_rng = random.Random(tasks.HELDOUT_SEED + 1)
+    val = [tasks.make_conversation(val_rng, heldout_only=True) for _ in range(300)]
     budget = args.minutes * 60.0
     start = time.time()
     step, tokens, log = 0, 0, {"loss": 0.0, "mtp": 0.0, "predict": 0.0, "n": 0}
@@ -405,12 +438,12 @@ def save(model, mtp, tokenizer, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def generate_replies(model, tokenizer, questions: list[str], batch_size: int = 64) -> list[str]:
-    """Greedy replies with transformers' generate (left-padded batches)."""
+def generate_replies(model, tokenizer, chats: list[list[dict]], batch_size: int = 64) -> list[str]:
+    """Greedy replies to chats (message lists) with transformers' generate (left-padded batches)."""
     replies = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in questions[i:i + batch_size]]
+    for i in range(0, len(chats), batch_size):
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in chats[i:i + batch_size]]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
         replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -424,48 +457,50 @@ def mtp_acceptance(model, mtp, tokenizer, questions: list[str], replies: list[st
     right from (h_t, token t+1)."""
     hits = total = 0
     for q, r in zip(questions, replies):
-        ids, n_prompt = encode_chat(tokenizer, q, r)
+        ids, learn = encode_chat(tokenizer, [("", q, r)])
         x = torch.tensor([ids])
         hidden = model.model(input_ids=x).last_hidden_state
         draft = mtp_logits(model, mtp, x, hidden).argmax(-1)[0]  # draft[t] predicts ids[t + 2]
-        for t in range(n_prompt - 2, len(ids) - 2):
-            hits += int(draft[t].item() == ids[t + 2])
-            total += 1
+        for t in range(len(ids) - 2):
+            if learn[t + 2]:
+                hits += int(draft[t].item() == ids[t + 2])
+                total += 1
     return hits / max(total, 1)
 
 
 def evaluate(out: Path, n: int = 500) -> dict:
-    """Reload the saved checkpoint with transformers and measure it on the first n held-out tasks."""
+    """Reload the saved checkpoint with transformers and measure it (offload.demo.evaluation: first turns,
+    later turns, unseen phrasings) and its MTP layer's acceptance."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, MiMoV2FlashForCausalLM
 
+    from offload.demo import evaluation
+
     model = MiMoV2FlashForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    items = tasks.heldout(n)
-    questions = [q for _, q, _ in items]
-    replies = generate_replies(model, tokenizer, questions)
-    per_kind: dict[str, list[int]] = {}
-    for (kind, _, answer), reply in zip(items, replies):
-        per_kind.setdefault(kind, []).append(int(tasks.is_correct(reply, answer)))
+    scores = evaluation.measure(lambda chats: generate_replies(model, tokenizer, chats), n)
+    questions = [q for _, q, _ in tasks.heldout(min(200, n))]
+    replies = generate_replies(model, tokenizer, [[{"role": "user", "content": q}] for q in questions])
     mtp = MTPLayer(model.config)
     mtp.load_checkpoint_state(load_file(out / "model.safetensors"))
-    acc = sum(sum(v) for v in per_kind.values()) / len(items)
-    return {"heldout_exact_match": round(acc, 4), "n": len(items),
-            "per_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())},
-            "mtp_acceptance": round(mtp_acceptance(model, mtp.eval(), tokenizer, questions[:200], replies[:200]), 4),
-            "examples": [(q, r) for q, r in zip(questions[:8], replies[:8])]}
+    return {split: {"exact_match": round(r["exact_match"], 4), "n": r["n"],
+                    "per_kind": {k: round(v, 3) for k, v in r["per_kind"].items()}} for split, r in scores.items()} | {
+        "mtp_acceptance": round(mtp_acceptance(model, mtp.eval(), tokenizer, questions, replies), 4),
+        "examples": [(q, r) for q, r in zip(questions[:8], replies[:8])]}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=42.0, help="training wall-clock budget (default 42)")
     p.add_argument("--out", type=Path, default=ROOT / "offload" / "demo", help="checkpoint directory")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint (weights, MTP layer and tokenizer) instead of a random init")
     p.add_argument("--seed", type=int, default=0, help="seed of the tokenizer corpus, init and data stream")
     p.add_argument("--steps", type=int, default=0, help="also stop (and finish the schedule) after this many steps")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default 2; on a 2-core machine shared with other jobs use 1)")
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (see SIZES)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="chats per step (1-4 turns each, ~2 on average)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss (DeepSeek-V3 uses 0.1-0.3)")
@@ -475,7 +510,8 @@ def main(argv=None) -> None:
     p.add_argument("--bias-gamma", type=float, default=1e-2, help="router correction-bias update speed")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=5, help="teacher-forced validation every N log lines")
-    p.add_argument("--eval-n", type=int, default=500, help="held-out tasks measured at the end")
+    p.add_argument("--eval-n", type=int, default=500,
+                   help="held-out first turns and unseen phrasings measured at the end (and n/2 conversations)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
