@@ -75,3 +75,17 @@ def test_cli_marks_every_line_as_a_simulation(tmp_path):
     assert len(lines) > 20 and all(line.startswith("[simulation]") for line in lines)
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["simulation"] is True and {r["gpu"] for r in result["paper"]} == {"T4", "RTX3060", "A100", "RTX3080M"}
+
+
+def test_hybrid_model_reads_each_layer_kinds_projections():
+    """Qwen3.5-35B-A3B: three Gated DeltaNet layers to one gated full-attention layer, plus a shared expert: the
+    dense bytes a token reads per layer are their mean (sizes by hand from the published config)."""
+    from offload.quant.presets import PRESETS
+
+    q4 = PRESETS["a4e4"].attention.nbytes
+    h = 2048
+    deltanet = q4((2 * 16 * 128 + 32 * 128, h)) + q4((32 * 128, h)) + 2 * q4((32, h)) + q4((h, 32 * 128))
+    full = q4((2 * 16 * 256, h)) + 2 * q4((2 * 256, h)) + q4((h, 16 * 256))
+    shared = 2 * q4((512, h)) + q4((h, 512))
+    size = simulate.sizes(simulate.model_spec("qwen3.5-35b-a3b"), "a4e4")
+    assert size.dense_layer == (3 * deltanet + full) // 4 + shared + 2 * 256 * h + 4 * h

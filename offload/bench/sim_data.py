@@ -45,6 +45,15 @@ MODELS = {
                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "attention_bias": True,
                     "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                      "original_max_position_embeddings": 4096, "truncate": False}},
+    # Qwen3.5-35B-A3B: transformers' Qwen3_5MoeTextConfig defaults are this checkpoint's text model
+    "qwen3.5-35b-a3b": {"model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 2048,
+                        "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 256,
+                        "num_experts_per_tok": 8, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                        "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
+                        "max_position_embeddings": 32768,
+                        "rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"}},
 }
 
 PAPER = "Eliseev & Mazur 2023, arXiv 2312.17238, Table 2 (Mixtral-8x7B, attention 4-bit, experts 2-bit)"
