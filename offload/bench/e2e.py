@@ -273,4 +273,4 @@ def _print(results: dict) -> None:
     print_table(table, console)
     for name, reason in results["skipped"].items():
         console.print(f"skipped {name}: {reason}")
-    console.print(markdown(results), markup=False, highlight=False)
+    print(markdown(results))  # to paste into BENCHMARKS.md: never wrapped to the terminal
