@@ -27,6 +27,17 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek's Multi-head Latent Attention: queries through an optional low-rank bottleneck, keys and values
+    from one shared latent (kv_lora_rank) plus one shared rotary key (the AttentionSpec's rope.head_dim)."""
+    q_lora_rank: int | None  # None: one full q projection
+    kv_lora_rank: int
+    nope_dim: int  # qk_nope_head_dim: the query/key channels without position
+    interleaved: bool  # rotary pairs are adjacent channels (x0, x1), not the two halves
+    softmax_scale: float  # qk_head_dim ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
     num_kv_heads: int
@@ -40,6 +51,13 @@ class AttentionSpec:
     o_bias: bool = False
     value_scale: float = 1.0
     clip_qkv: float | None = None
+    mla: MLASpec | None = None  # head_dim: nope + rope channels; num_kv_heads = num_heads
+
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(heads, key channels, value channels) one cached position holds: MLA keeps its latent and rotary key."""
+        if self.mla is not None:
+            return 1, self.mla.kv_lora_rank, self.rope.head_dim
+        return self.num_kv_heads, self.head_dim, self.v_head_dim
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,7 @@ class RouterSpec:
     correction_bias: bool = False  # DeepSeek/MiMo: added for the selection only
     n_group: int = 1
     topk_group: int = 1
+    group_score: Literal["top2_sum", "max"] = "top2_sum"  # how a group ranks: DeepSeek-V3's / V2's
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     max_position_embeddings: int = 4096
+    shared_intermediate_size: int = 0  # DeepSeek/GLM shared experts: one dense MLP beside every MoE layer's experts
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -99,24 +119,16 @@ class ModelSpec:
             shapes["lm_head"] = (self.vocab_size, H)
         for i, layer in enumerate(self.layers):
             a, p = layer.attention, f"layers.{i}."
-            q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
-            shapes |= {p + "input_norm": (H,), p + "post_attn_norm": (H,),
-                       p + "attn.q": (q_out, H), p + "attn.k": (kv_out, H), p + "attn.v": (v_out, H),
-                       p + "attn.o": (H, a.num_heads * a.v_head_dim)}
-            if a.qkv_bias:
-                shapes |= {p + "attn.q_bias": (q_out,), p + "attn.k_bias": (kv_out,), p + "attn.v_bias": (v_out,)}
-            if a.o_bias:
-                shapes[p + "attn.o_bias"] = (H,)
-            if a.qk_norm == "head":
-                shapes |= {p + "attn.q_norm": (a.head_dim,), p + "attn.k_norm": (a.head_dim,)}
-            elif a.qk_norm == "full":
-                shapes |= {p + "attn.q_norm": (q_out,), p + "attn.k_norm": (kv_out,)}
-            if a.sinks:
-                shapes[p + "attn.sinks"] = (a.num_heads,)
+            shapes |= {p + "input_norm": (H,), p + "post_attn_norm": (H,)}
+            local = mla_shapes(a, H) if a.mla is not None else attention_shapes(a, H)
+            shapes |= {p + name: shape for name, shape in local.items()}
             if layer.mlp == "dense":
                 inter = layer.dense_intermediate_size
                 shapes |= {p + "mlp.gate": (inter, H), p + "mlp.up": (inter, H), p + "mlp.down": (H, inter)}
                 continue
+            if self.shared_intermediate_size:
+                inter = self.shared_intermediate_size
+                shapes |= {p + "shared.gate": (inter, H), p + "shared.up": (inter, H), p + "shared.down": (H, inter)}
             r, e = self.router, self.expert
             shapes[p + "router.weight"] = (r.num_experts, H)
             if r.bias:
@@ -131,3 +143,40 @@ class ModelSpec:
                     shapes |= {q + "gate_bias": (e.intermediate_size,), q + "up_bias": (e.intermediate_size,),
                                q + "down_bias": (H,)}
         return shapes
+
+
+def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
+    """A grouped-query attention layer's tensors (names after `layers.N.`)."""
+    q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
+    shapes = {"attn.q": (q_out, hidden), "attn.k": (kv_out, hidden), "attn.v": (v_out, hidden),
+              "attn.o": (hidden, a.num_heads * a.v_head_dim)}
+    if a.qkv_bias:
+        shapes |= {"attn.q_bias": (q_out,), "attn.k_bias": (kv_out,), "attn.v_bias": (v_out,)}
+    if a.o_bias:
+        shapes["attn.o_bias"] = (hidden,)
+    if a.qk_norm == "head":
+        shapes |= {"attn.q_norm": (a.head_dim,), "attn.k_norm": (a.head_dim,)}
+    elif a.qk_norm == "full":
+        shapes |= {"attn.q_norm": (q_out,), "attn.k_norm": (kv_out,)}
+    if a.sinks:
+        shapes["attn.sinks"] = (a.num_heads,)
+    return shapes
+
+
+def mla_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
+    """An MLA layer's attention tensors (names after `layers.N.`); biases where attention_bias is set."""
+    m, heads, rope = a.mla, a.num_heads, a.rope.head_dim
+    shapes = {"attn.kv_a": (m.kv_lora_rank + rope, hidden), "attn.kv_a_norm": (m.kv_lora_rank,),
+              "attn.kv_b": (heads * (m.nope_dim + a.v_head_dim), m.kv_lora_rank),
+              "attn.o": (hidden, heads * a.v_head_dim)}
+    if m.q_lora_rank is None:
+        shapes["attn.q"] = (heads * a.head_dim, hidden)
+    else:
+        shapes |= {"attn.q_a": (m.q_lora_rank, hidden), "attn.q_a_norm": (m.q_lora_rank,),
+                   "attn.q_b": (heads * a.head_dim, m.q_lora_rank)}
+    if a.qkv_bias:
+        shapes |= {"attn.kv_a_bias": (m.kv_lora_rank + rope,)} | (
+            {"attn.q_a_bias": (m.q_lora_rank,)} if m.q_lora_rank is not None else {})
+    if a.o_bias:
+        shapes["attn.o_bias"] = (hidden,)
+    return shapes

@@ -20,6 +20,10 @@ ARCHS: dict[str, dict] = {
     "mimo_v2_flash": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=6,
                           num_attention_heads=4, num_key_value_heads=1, head_dim=24, v_head_dim=16,
                           n_routed_experts=8, num_experts_per_tok=2, sliding_window=8),
+    "glm4_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
+                     num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                     routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True),
 }
 # save_pretrained(max_shard_size=...) sizes at which some layer's experts have down_proj in an earlier shard than
 # gate/up and another layer's do not; the other architectures' shards always hold down_proj first.

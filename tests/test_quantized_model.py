@@ -15,7 +15,8 @@ import offload
 # dims divisible by the presets' group sizes (64)
 SIZES = {"mixtral": {"intermediate_size": 128}, "qwen3_moe": {"moe_intermediate_size": 64},
          "olmoe": {"intermediate_size": 64}, "gpt_oss": {},
-         "mimo_v2_flash": {"moe_intermediate_size": 64, "intermediate_size": 128}}
+         "mimo_v2_flash": {"moe_intermediate_size": 64, "intermediate_size": 128},
+         "glm4_moe": {"moe_intermediate_size": 64, "intermediate_size": 128}}
 
 
 def progressions(n: int, seed: int) -> torch.Tensor:

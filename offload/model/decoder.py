@@ -33,7 +33,7 @@ class Decoder:
         self.norm = weights["norm"]
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
         self.layers = [{"attn": fuse_qkv(_group(weights, f"layers.{i}.attn."), layer.attention)}
-                       | {part: _group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router")}
+                       | {part: _group(weights, f"layers.{i}.{part}.") for part in ("mlp", "router", "shared")}
                        | {"input_norm": weights[f"layers.{i}.input_norm"],
                           "post_attn_norm": weights[f"layers.{i}.post_attn_norm"]}
                        for i, layer in enumerate(spec.layers)]
@@ -65,8 +65,10 @@ class Decoder:
             else:
                 weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
                 early = [p for hook in hooks for p in hook.routed(i, h, x, weights, ids, cache)]
-                h = h + moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early,
-                            self.prefetch_count)
+                out = moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
+                if spec.shared_intermediate_size:  # routed + shared, then the residual: transformers' order
+                    out = out + expert_mlp(x, w["shared"], ExpertSpec(spec.shared_intermediate_size))
+                h = h + out
             for hook in hooks:
                 hook.layer_done(i, h, x, cache)
         cache.length += T
