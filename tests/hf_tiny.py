@@ -24,6 +24,18 @@ ARCHS: dict[str, dict] = {
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
                      num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
                      routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True),
+    # MLA: decode (a few tokens) takes the absorbed path, a 40-token prefill the expanded one (model/mla.py)
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
+                                             mscale_all_dim=0.707, original_max_position_embeddings=128)),
+    "deepseek_v2": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=2,
+                        first_k_dense_replace=1, routed_scaling_factor=1.5),
 }
 # save_pretrained(max_shard_size=...) sizes at which some layer's experts have down_proj in an earlier shard than
 # gate/up and another layer's do not; the other architectures' shards always hold down_proj first.

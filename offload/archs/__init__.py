@@ -3,11 +3,11 @@ from types import ModuleType
 
 from ..errors import ModelFormatError
 from ..spec import ModelSpec
-from . import glm4_moe, gpt_oss, mimo_v2_flash, mixtral, olmoe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mimo_v2_flash, mixtral, olmoe, qwen3_moe
 from .rules import check
 
 ADAPTERS: dict[str, ModuleType] = {m.model_type: m for m in (mixtral, qwen3_moe, olmoe, gpt_oss, mimo_v2_flash)}
-ADAPTERS |= {m.model_type: m for m in (glm4_moe,)}  # DeepSeek family (issue 20)
+ADAPTERS |= {m.model_type: m for m in (deepseek_v2, deepseek_v3, glm4_moe)}  # DeepSeek family (issue 20)
 
 
 def adapter_for(config: dict) -> ModuleType:

@@ -21,15 +21,16 @@ def moe_model(config: dict, attention: AttentionSpec, first_dense: int, shared: 
                 shared_intermediate_size=experts * integer(config, "n_shared_experts", default=shared))
 
 
-def grouped_router(config: dict, scoring: str, renormalize: bool, **fields) -> RouterSpec:
-    """The routed experts' router: num_experts_per_tok of n_routed_experts, n_group / topk_group, scaled."""
+def grouped_router(config: dict, scoring: str, renormalize: bool, defaults: dict, **fields) -> RouterSpec:
+    """The routed experts' router: num_experts_per_tok of n_routed_experts, n_group / topk_group, scaled;
+    `defaults`: the config class's n_group, topk_group and routed_scaling_factor."""
     return RouterSpec(expert_count(config, "n_routed_experts", "num_local_experts"),
                       integer(config, "num_experts_per_tok", low=0), scoring, renormalize,
-                      scaling_factor=number(config, "routed_scaling_factor", default=1.0),
-                      n_group=integer(config, "n_group", default=1),
-                      topk_group=integer(config, "topk_group", default=1), **fields)
+                      scaling_factor=number(config, "routed_scaling_factor", default=defaults["routed_scaling_factor"]),
+                      n_group=integer(config, "n_group", default=defaults["n_group"]),
+                      topk_group=integer(config, "topk_group", default=defaults["topk_group"]), **fields)
 
 
-def sigmoid_router(config: dict) -> RouterSpec:
+def sigmoid_router(config: dict, defaults: dict) -> RouterSpec:
     """DeepSeek-V3 / GLM-4.5: sigmoid scores, a correction bias for the selection, groups by their best two."""
-    return grouped_router(config, "sigmoid", flag(config, "norm_topk_prob", True), correction_bias=True)
+    return grouped_router(config, "sigmoid", flag(config, "norm_topk_prob", True), defaults, correction_bias=True)

@@ -16,7 +16,8 @@ from .base import (
 from .deepseek_moe import RENAMES, moe_model, sigmoid_router
 
 model_type = "glm4_moe"
-DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=131072)  # Glm4MoeConfig
+DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=131072, n_group=1, topk_group=1,
+                routed_scaling_factor=1.0)  # Glm4MoeConfig
 ignored = (ROTARY_CACHE,)
 
 
@@ -29,7 +30,7 @@ def spec(config: dict) -> ModelSpec:
     attention = plain_attention(config, rope, o_bias=False,
                                 qk_norm="head" if flag(config, "use_qk_norm", False) else "none")
     model = moe_model(config, attention, first_dense=1, shared=1)
-    return ModelSpec(**fields, **model, router=sigmoid_router(config) if model["expert"] else None)
+    return ModelSpec(**fields, **model, router=sigmoid_router(config, DEFAULTS) if model["expert"] else None)
 
 
 convert = renaming_converter(Renamer(RENAMES))
