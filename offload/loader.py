@@ -12,7 +12,7 @@ import torch
 from offload.quant import QuantizedTensor
 
 from .archs import read_spec
-from .archs.base import ReadTensor
+from .archs.base import LAYER, ReadTensor
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
 from .memory import Trimmer
@@ -51,6 +51,15 @@ def place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: bool
     return tensor.to(device=device, dtype=dtype)
 
 
+def _mtp_alias(name: str, spec: ModelSpec, adapter) -> str:
+    """DeepSeek-V3 and GLM-4.5 publish their MTP layers as decoder layers numbered from num_hidden_layers on
+    (`mtp_after_decoder` adapters): those are read as `model.mtp.layers.{k}.*`, MiMo's name for them."""
+    m = LAYER.fullmatch(name) if getattr(adapter, "mtp_after_decoder", False) else None
+    if m is None or int(m[1]) < len(spec.layers):
+        return name
+    return f"model.mtp.layers.{int(m[1]) - len(spec.layers)}.{m[2]}"
+
+
 def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelSpec, adapter,
               where: str | Path = "checkpoint") -> Iterator[tuple[Path, str, str, torch.Tensor]]:
     """(file, checkpoint name, canonical name, tensor) of every tensor the model uses, shape-checked; MTP tensors
@@ -67,7 +76,7 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
 
     for file, name in stream:
         names.append(name)
-        for canonical, tensor in adapter.convert(name, reading):
+        for canonical, tensor in adapter.convert(_mtp_alias(name, spec, adapter), lambda _: reading(name)):
             if not canonical.startswith("mtp.") and canonical not in expected:
                 unused.append(name)
                 break

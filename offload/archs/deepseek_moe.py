@@ -4,6 +4,8 @@ always resident: every token uses it) named `mlp.shared_experts.*`."""
 from ..spec import AttentionSpec, ExpertSpec, LayerSpec, RouterSpec
 from .base import COMMON_LAYER_RENAMES, expert_count, flag, integer, layer_count, number
 
+# The MTP layer's copies of the embedding and LM head (its "shared" head): the main model's are used
+MTP_COPIES = r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"
 RENAMES = [(r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"shared.\1"), *COMMON_LAYER_RENAMES]
 
 

@@ -7,18 +7,19 @@ from .base import (
     flag,
     head_dim_of,
     model_fields,
+    mtp_converter,
     plain_attention,
-    renaming_converter,
     rope_params,
     rope_spec,
     silu_mlp,
 )
-from .deepseek_moe import RENAMES, moe_model, sigmoid_router
+from .deepseek_moe import MTP_COPIES, RENAMES, moe_model, sigmoid_router
 
 model_type = "glm4_moe"
 DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=131072, n_group=1, topk_group=1,
                 routed_scaling_factor=1.0)  # Glm4MoeConfig
-ignored = (ROTARY_CACHE,)
+ignored = (ROTARY_CACHE, MTP_COPIES)
+mtp_after_decoder = True  # the MTP layer is published as model.layers.{num_hidden_layers}.* (loader.py)
 
 
 def spec(config: dict) -> ModelSpec:
@@ -33,4 +34,4 @@ def spec(config: dict) -> ModelSpec:
     return ModelSpec(**fields, **model, router=sigmoid_router(config, DEFAULTS) if model["expert"] else None)
 
 
-convert = renaming_converter(Renamer(RENAMES))
+convert = mtp_converter(Renamer(RENAMES))
