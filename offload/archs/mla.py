@@ -25,6 +25,8 @@ def mla_attention(config: dict, max_positions: int, interleaved: bool) -> Attent
                   f"num_attention_heads={heads} (MLA expands its latent to every head)")
     nope, rope_dim = integer(config, "qk_nope_head_dim"), integer(config, "qk_rope_head_dim")
     v_dim = integer(config, "v_head_dim")
+    if "head_dim" in config and config["head_dim"] != rope_dim:  # transformers rotates head_dim channels
+        raise bad("head_dim", config["head_dim"], f"left out or equal to qk_rope_head_dim={rope_dim}")
     params = rope_params(config, 1e4)
     rope = rope_spec(params, rope_dim, max_positions)
     scale = (nope + rope_dim) ** -0.5

@@ -24,8 +24,10 @@ from offload.bench.contenders import CONTENDERS
 OLMOE_1B = dict(model_type="olmoe", vocab_size=32000, hidden_size=1024, intermediate_size=512, num_hidden_layers=16,
                 num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
                 max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-# DeepSeek-V2-Lite's and GLM-4.5-Air's layouts scaled to ~2B parameters (MLA with a latent cache and 2 shared
-# experts; partial rotary, q/k/v biases, 128 experts top-8 and a shared one), random weights like OLMOE_1B's
+DEFAULT_DIR = Path.home() / ".cache" / "moe-offload" / "bench-olmoe-1.7b"
+# DeepSeek-V2-Lite's and GLM-4.5-Air's layouts at ~2B parameters, random weights as OLMOE_1B's: MLA (latent 256,
+# rotary key 32, q without LoRA), 64 experts top-6 and 2 shared experts; partial rotary, q/k/v biases, 8:1 GQA,
+# 128 experts top-8 and one shared; hidden 1024, 20 layers, the first dense, a 32k vocabulary.
 SPECIAL = dict(max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0)
 V2_LITE_2B = dict(model_type="deepseek_v2", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                   num_hidden_layers=20, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=256, qk_rope_head_dim=32,
@@ -35,9 +37,9 @@ GLM_AIR_2B = dict(model_type="glm4_moe", vocab_size=32000, hidden_size=1024, int
                   num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=2, head_dim=64,
                   partial_rotary_factor=0.5, attention_bias=True, n_routed_experts=128, num_experts_per_tok=8,
                   n_shared_experts=1, moe_intermediate_size=256, first_k_dense_replace=1, **SPECIAL)
-SHAPES = {"olmoe-1.7b": OLMOE_1B, "v2-lite-2b": V2_LITE_2B, "glm-air-2b": GLM_AIR_2B}
-CACHE = Path.home() / ".cache" / "moe-offload"
-DEFAULT_DIR = CACHE / "bench-olmoe-1.7b"
+SHAPES = {"olmoe": (OLMOE_1B, DEFAULT_DIR),
+          "deepseek_v2": (V2_LITE_2B, DEFAULT_DIR.with_name("bench-v2-lite-2b")),
+          "glm4_moe": (GLM_AIR_2B, DEFAULT_DIR.with_name("bench-glm-air-2b"))}
 
 
 def routed_experts(config: dict) -> int:
@@ -94,26 +96,26 @@ def make_checkpoint(path: Path, config: dict = OLMOE_1B, shard_bytes: int = 1 <<
 
 
 def active_bytes(config: dict, quant: str) -> int:
-    """Weight bytes one decoded token reads in our layout: every weight the model holds (attention, router, dense
-    and shared MLPs, norms, the LM head; each at its preset's stored size) but one embedding row and, per MoE
-    layer, the top-k experts only."""
+    """Weight bytes one decoded token reads in our layout: every tensor the model has (at the preset's stored size
+    for the roles it quantizes, 16-bit otherwise) but the experts not routed to and the embedding table, of which
+    it reads one row."""
     from offload.archs import read_spec
-    from offload.loader import EXPERT
     from offload.quant import get_preset
     from offload.quantize import role_spec
 
     preset = get_preset("none" if quant == "bf16" else quant)
-    _, spec = read_spec(config)
-    total = 2 * spec.hidden_size  # the embedding row
+    spec = read_spec(config)[1]
+    dense = experts = 0
     for name, shape in spec.expected_shapes().items():
-        expert = EXPERT.fullmatch(name)
-        if name == "embed" or (expert and int(expert[2]) >= spec.router.top_k):
-            continue
-        stored = role_spec(preset, name) if len(shape) == 2 else None
-        total += stored.nbytes(shape) if stored is not None else 2 * math.prod(shape)
-    if spec.tie_word_embeddings:  # the LM head is the embedding table, read whole
-        total += 2 * spec.vocab_size * spec.hidden_size
-    return total
+        stored = role_spec(preset, name)
+        size = stored.nbytes(shape) if stored is not None else 2 * math.prod(shape)
+        if name == "embed":
+            dense += 2 * shape[1] + (size if spec.tie_word_embeddings else 0)
+        elif ".experts." in name:
+            experts += size
+        else:
+            dense += size
+    return dense + experts * spec.router.top_k // spec.router.num_experts
 
 
 def _subprocess(args: list[str], threads: int, pythonpath: str | None = None, timeout: float = 3600) -> str:
@@ -151,15 +153,16 @@ def _summary(values: list[float]) -> dict:
 
 def run(path: Path | None = None, contenders: list[str] | None = None, rounds: int = 3, reps: int = 2,
         tokens: int = 64, prompt_tokens: int = 32, threads: int = 2, cache_fraction: float = 0.25,
-        json_out: Path | None = None, shape: str = "olmoe-1.7b") -> dict:
-    """`shape`: the generated checkpoint's (SHAPES) when `path` is None."""
+        json_out: Path | None = None, shape: str = "olmoe") -> dict:
+    """`shape`: the generated checkpoint used when `path` is None (SHAPES)."""
     names = contenders or list(CONTENDERS)
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise ValueError(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {list(SHAPES)}")
-    path = make_checkpoint(path or CACHE / f"bench-{shape}", SHAPES[shape])
+    config, directory = SHAPES[shape]
+    path = make_checkpoint(path or directory, config)
     config = json.loads((path / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     common = {"prompt": torch.randint(3, config["vocab_size"], (prompt_tokens,), generator=g).tolist(),

@@ -93,7 +93,7 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps
               cache: LayerCache) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]; `w` as `fuse_qkv` leaves it (or plain q, k, v)."""
     if a.mla is not None:
-        return mla_attention(x, w, a, eps, step, cache)
+        return mla_attention(x, w, a, step, cache)
     B, T, _ = x.shape
     qk, v = _project(x, w, a, eps)
     cos, sin = step.rotary[a.rope]

@@ -23,6 +23,8 @@ from .rope import apply_rotary
 if TYPE_CHECKING:
     from .attention import Step
 
+LATENT_EPS = 1e-6  # q_a_layernorm's and kv_a_layernorm's: RMSNorm's default, not config.rms_norm_eps (transformers)
+
 
 def absorbs(a: AttentionSpec, tokens: int) -> bool:
     """Whether absorbing costs fewer multiply-adds per head and cached position than expanding: expanding
@@ -40,24 +42,23 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
-def _queries(x: torch.Tensor, w: dict, a: AttentionSpec, eps: float) -> torch.Tensor:
+def _queries(x: torch.Tensor, w: dict, a: AttentionSpec) -> torch.Tensor:
     """x [B, T, H] -> q [B, heads, T, nope + rope]."""
     B, T, _ = x.shape
     if a.mla.q_lora_rank is None:
         q = linear(x, w["q"])
     else:
-        q = linear(rms_norm(linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], eps), w["q_b"])
+        q = linear(rms_norm(linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], LATENT_EPS), w["q_b"])
     return q.view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
 
 
-def mla_attention(x: torch.Tensor, w: dict, a: AttentionSpec, eps: float, step: Step,
-                  cache: LayerCache) -> torch.Tensor:
+def mla_attention(x: torch.Tensor, w: dict, a: AttentionSpec, step: Step, cache: LayerCache) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]; `w`: the layer's `attn.*` weights."""
     B, T, _ = x.shape
     m, rope = a.mla, a.rope.head_dim
-    q_nope, q_rope = _queries(x, w, a, eps).split([m.nope_dim, rope], dim=-1)
+    q_nope, q_rope = _queries(x, w, a).split([m.nope_dim, rope], dim=-1)
     latent, k_rope = linear(x, w["kv_a"], w.get("kv_a_bias")).split([m.kv_lora_rank, rope], dim=-1)
-    latent = rms_norm(latent, w["kv_a_norm"], eps)[:, None]  # [B, 1, T, kv_lora_rank]
+    latent = rms_norm(latent, w["kv_a_norm"], LATENT_EPS)[:, None]  # [B, 1, T, kv_lora_rank]
     k_rope = k_rope[:, None]
     if m.interleaved:
         q_rope, k_rope = _deinterleave(q_rope), _deinterleave(k_rope)
