@@ -74,9 +74,13 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
         read_names.update((name, name + "_scale_inv"))  # FP8 block scales are read with their weight
         return read(name)
 
+    mtp_layers: dict[str, list[str]] = {}  # decoder layers past num_hidden_layers read as MTP layers -> names
     for file, name in stream:
         names.append(name)
-        for canonical, tensor in adapter.convert(_mtp_alias(name, spec, adapter), lambda _: reading(name)):
+        alias = _mtp_alias(name, spec, adapter)
+        if alias != name:
+            mtp_layers.setdefault(alias.split(".")[3], []).append(alias)
+        for canonical, tensor in adapter.convert(alias, lambda _: reading(name)):
             if not canonical.startswith("mtp.") and canonical not in expected:
                 unused.append(name)
                 break
@@ -91,6 +95,9 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
                                       "header was altered or damaged: re-download or re-save the checkpoint")
             yield file, name, canonical, tensor
     unused += [n for n in names if n not in read_names and not ignored.fullmatch(n)]
+    # an MTP layer has its eh_proj; a decoder layer without one is one config.json's num_hidden_layers left out
+    unused += [n.replace(f"model.mtp.layers.{k}.", f"model.layers.{len(spec.layers) + int(k)}.")
+               for k, group in mtp_layers.items() if f"model.mtp.layers.{k}.eh_proj.weight" not in group for n in group]
     if unused:
         unused = sorted(set(unused))
         raise CheckpointError(
