@@ -72,6 +72,7 @@ class RouterSpec:
     n_group: int = 1
     topk_group: int = 1
     group_score: Literal["top2_sum", "max"] = "top2_sum"  # how a group ranks: DeepSeek-V3's / V2's
+    fp32_logits: bool = False  # softmax scoring from fp32 logits (DeepSeek-V2); sigmoid scoring always is
 
 
 @dataclass(frozen=True)

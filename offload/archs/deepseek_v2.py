@@ -26,7 +26,8 @@ def spec(config: dict) -> ModelSpec:
             raise bad("topk_method", method, f"one of {', '.join(METHODS)}")
         grouped = method == "group_limited_greedy"  # n_group / topk_group are read only then, and required
         router = grouped_router(config if grouped else {**config, "n_group": 1, "topk_group": 1}, "softmax", False,
-                                DEFAULTS | dict(n_group=REQUIRED, topk_group=REQUIRED), group_score="max")
+                                DEFAULTS | dict(n_group=REQUIRED, topk_group=REQUIRED), group_score="max",
+                                fp32_logits=True)
     return ModelSpec(**fields, **model, router=router)
 
 

@@ -29,7 +29,8 @@ def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[t
         top, ids = torch.topk(logits, r.top_k, dim=-1)
         return torch.softmax(top, dim=-1).float(), ids
     if r.scoring == "softmax":
-        probs = torch.softmax(linear(x, w["weight"]).float(), dim=-1)
+        logits = linear_fp32(x, w["weight"]) if r.fp32_logits else linear(x, w["weight"]).float()
+        probs = torch.softmax(logits, dim=-1)
         probs = _mask_groups(probs, r, 0.0) if r.n_group > 1 else probs  # DeepSeek-V2's group-limited greedy
         top, ids = torch.topk(probs, r.top_k, dim=-1)
     else:  # sigmoid scores; the correction bias steers the choice but not the weights
