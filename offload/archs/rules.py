@@ -29,7 +29,7 @@ def _check_router(spec: ModelSpec) -> None:
     least = 2 if r.group_score == "top2_sum" else 1
     if r.num_experts % r.n_group or per_group < least:
         raise bad("n_group", r.n_group, f"a divisor of the {r.num_experts} routed experts that leaves at least "
-                  f"{least} per group (grouped top-k ranks a group by its best {least})")
+                  f"{least} per group (grouped top-k ranks a group by its best {'two' if least == 2 else 'one'})")
     if not 1 <= r.topk_group <= r.n_group or r.top_k > r.topk_group * per_group:
         raise bad("topk_group", r.topk_group, f"between 1 and n_group={r.n_group}, and its groups must hold the "
                   f"num_experts_per_tok={r.top_k} experts chosen ({per_group} per group)")
