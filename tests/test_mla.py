@@ -60,6 +60,15 @@ def test_cache_holds_latents_and_rotary_keys(tmp_path, arch):
         assert layer.k.abs().sum() > 0 and layer.v.abs().sum() > 0
 
 
+def test_kimi_k2_config_reads_as_deepseek_v3():
+    """Kimi-K2 publishes DeepSeek-V3's architecture under model_type kimi_k2 (64 heads, 384 experts, one group)."""
+    kimi = V3 | dict(model_type="kimi_k2", num_attention_heads=64, num_key_value_heads=64, n_routed_experts=384,
+                     n_group=1, topk_group=1, routed_scaling_factor=2.827)
+    adapter, spec = read_spec(kimi)
+    assert adapter.model_type == "deepseek_v3" and spec.router.num_experts == 384 and spec.router.n_group == 1
+    assert kv_bytes(spec, 1, 2) == 61 * 576 * 2
+
+
 def test_v3_cache_bytes_per_token():
     """576 values (512 latent + 64 rotary key) per layer and position instead of 128 x (192 + 128): 1/71."""
     _, spec = read_spec(V3)

@@ -8,6 +8,7 @@ from .rules import check
 
 ADAPTERS: dict[str, ModuleType] = {m.model_type: m for m in (mixtral, qwen3_moe, olmoe, gpt_oss, mimo_v2_flash)}
 ADAPTERS |= {m.model_type: m for m in (deepseek_v2, deepseek_v3, glm4_moe)}  # DeepSeek family (issue 20)
+ADAPTERS["kimi_k2"] = deepseek_v3  # Kimi-K2's config.json names DeepSeek-V3's architecture (its auto_map) so
 
 
 def adapter_for(config: dict) -> ModuleType:
