@@ -80,7 +80,7 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
         alias = _mtp_alias(name, spec, adapter)
         if alias != name:
             mtp_layers.setdefault(alias.split(".")[3], []).append(alias)
-        for canonical, tensor in adapter.convert(alias, lambda _: reading(name)):
+        for canonical, tensor in adapter.convert(alias, lambda n: reading(name if n == alias else n)):
             if not canonical.startswith("mtp.") and canonical not in expected:
                 unused.append(name)
                 break
