@@ -49,8 +49,10 @@ def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a
         threads: int = typer.Option(2, min=1, help="Threads of every contender."),
         cache_fraction: float = typer.Option(0.25, min=0.0, max=1.0, help="Experts kept by offloaded contenders."),
         json_out: Path | None = typer.Option(None, "--json"),
-        shape: str = typer.Option("olmoe", help="Generated checkpoint when no --model: olmoe (1.74B, 64 experts) "
-                                                "or qwen3_5_moe (1.75B, Qwen3.5-35B-A3B's proportions).")) -> None:
+        shape: str = typer.Option("olmoe", help="Generated checkpoint when no --model: olmoe (1.74B, 64 experts), "
+                                                "qwen3_5_moe (1.75B, Qwen3.5-35B-A3B's proportions), deepseek_v2 "
+                                                "(2B, DeepSeek-V2-Lite's layout) or glm4_moe (2B, GLM-4.5-Air's "
+                                                "layout).")) -> None:
     """Decode and prefill tok/s, time to first token, load time, peak RSS and roofline fraction of every contender
     (ours, transformers, transformers + accelerate offload, llama.cpp: built on demand into a cache) on the CPU."""
     from offload.bench.e2e import run

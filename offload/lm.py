@@ -183,8 +183,9 @@ class MoEModel:
         if self._mtp_head is None:
             weights = mtp_weights(self.mtp)
             if weights is None:
-                raise ValueError(f"{self.path} has no MTP layer (model.mtp.layers.0.*); speculative='mtp' needs "
-                                 "one: use a MiMo-V2-Flash checkpoint with MTP weights or drop speculative")
+                raise ValueError(f"{self.path} has no MTP layer (model.mtp.layers.0.*, or DeepSeek-V3's and GLM-4.5's "
+                                 "model.layers.{num_hidden_layers}.*); speculative='mtp' needs one: use a checkpoint "
+                                 "with MTP weights or drop speculative")
             d = self.decoder
             self._mtp_head = MTPHead(weights, self.spec, d.embed, d.lm_head, d.device, d.dtype)
         return self._mtp_head

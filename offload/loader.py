@@ -12,7 +12,7 @@ import torch
 from offload.quant import QuantizedTensor
 
 from .archs import read_spec
-from .archs.base import ReadTensor
+from .archs.base import LAYER, ReadTensor
 from .checkpoint import TensorStream, read_config, resolve
 from .errors import CheckpointError, ModelFormatError
 from .memory import Trimmer
@@ -51,6 +51,15 @@ def place(tensor, dtype: torch.dtype, device: torch.device, keep_quantized: bool
     return tensor.to(device=device, dtype=dtype)
 
 
+def _mtp_alias(name: str, spec: ModelSpec, adapter) -> str:
+    """DeepSeek-V3 and GLM-4.5 publish their MTP layers as decoder layers numbered from num_hidden_layers on
+    (`mtp_after_decoder` adapters): those are read as `model.mtp.layers.{k}.*`, MiMo's name for them."""
+    m = LAYER.fullmatch(name) if getattr(adapter, "mtp_after_decoder", False) else None
+    if m is None or int(m[1]) < len(spec.layers):
+        return name
+    return f"model.mtp.layers.{int(m[1]) - len(spec.layers)}.{m[2]}"
+
+
 def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelSpec, adapter,
               where: str | Path = "checkpoint") -> Iterator[tuple[Path, str, str, torch.Tensor]]:
     """(file, checkpoint name, canonical name, tensor) of every tensor the model uses, shape-checked; MTP tensors
@@ -65,9 +74,13 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
         read_names.update((name, name + "_scale_inv"))  # FP8 block scales are read with their weight
         return read(name)
 
+    mtp_layers: dict[str, list[str]] = {}  # decoder layers past num_hidden_layers read as MTP layers -> names
     for file, name in stream:
         names.append(name)
-        for canonical, tensor in adapter.convert(name, reading):
+        alias = _mtp_alias(name, spec, adapter)
+        if alias != name:
+            mtp_layers.setdefault(alias.split(".")[3], []).append(alias)
+        for canonical, tensor in adapter.convert(alias, lambda n: reading(name if n == alias else n)):
             if not canonical.startswith("mtp.") and canonical not in expected:
                 unused.append(name)
                 break
@@ -82,6 +95,9 @@ def converted(stream: Iterable[tuple[Path, str]], read: ReadTensor, spec: ModelS
                                       "header was altered or damaged: re-download or re-save the checkpoint")
             yield file, name, canonical, tensor
     unused += [n for n in names if n not in read_names and not ignored.fullmatch(n)]
+    # an MTP layer has its eh_proj; a decoder layer without one is one config.json's num_hidden_layers left out
+    unused += [n.replace(f"model.mtp.layers.{k}.", f"model.layers.{len(spec.layers) + int(k)}.")
+               for k, group in mtp_layers.items() if f"model.mtp.layers.{k}.eh_proj.weight" not in group for n in group]
     if unused:
         unused = sorted(set(unused))
         raise CheckpointError(

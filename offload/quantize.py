@@ -10,9 +10,10 @@ from offload.quant import Preset, QuantizedTensor, QuantSpec, get_preset
 
 from .loader import Quantizer
 
-# attention projections include the Gated DeltaNet's (qkv, z) input projections
-ROLES = [(re.compile(r"layers\.\d+\.attn\.([qkvo]|qkv|z)"), "attention"),
-         (re.compile(r"layers\.\d+\.mlp\.(gate|up|down)"), "dense_mlp"),
+# Attention projections include the Gated DeltaNet's (qkv, z) input projections. MLA's kv_b stays 16-bit: decode
+# folds it into the queries and outputs (model/mla.py). Shared experts are dense.
+ROLES = [(re.compile(r"layers\.\d+\.attn\.([qkvo]|qkv|z|q_a|q_b|kv_a)"), "attention"),
+         (re.compile(r"layers\.\d+\.(mlp|shared)\.(gate|up|down)"), "dense_mlp"),
          (re.compile(r"layers\.\d+\.experts\.\d+\.(gate|up|down)"), "expert")]
 
 

@@ -27,6 +27,17 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek's Multi-head Latent Attention: queries through an optional low-rank bottleneck, keys and values
+    from one shared latent (kv_lora_rank) plus one shared rotary key (the AttentionSpec's rope.head_dim)."""
+    q_lora_rank: int | None  # None: one full q projection
+    kv_lora_rank: int
+    nope_dim: int  # qk_nope_head_dim: the query/key channels without position
+    interleaved: bool  # rotary pairs are adjacent channels (x0, x1), not the two halves
+    softmax_scale: float  # qk_head_dim ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
     num_kv_heads: int
@@ -41,6 +52,13 @@ class AttentionSpec:
     value_scale: float = 1.0
     clip_qkv: float | None = None
     output_gate: bool = False  # Qwen3.5: output * sigmoid(gate); q's projection holds the gate's rows too
+    mla: MLASpec | None = None  # head_dim: nope + rope channels; num_kv_heads = num_heads
+
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(heads, key channels, value channels) one cached position holds: MLA keeps its latent and rotary key."""
+        if self.mla is not None:
+            return 1, self.mla.kv_lora_rank, self.rope.head_dim
+        return self.num_kv_heads, self.head_dim, self.v_head_dim
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class RouterSpec:
     correction_bias: bool = False  # DeepSeek/MiMo: added for the selection only
     n_group: int = 1
     topk_group: int = 1
+    group_score: Literal["top2_sum", "max"] = "top2_sum"  # how a group ranks: DeepSeek-V3's / V2's
+    fp32_logits: bool = False  # softmax scoring from fp32 logits (DeepSeek-V2); sigmoid scoring always is
 
 
 @dataclass(frozen=True)
@@ -119,9 +139,10 @@ class ModelSpec:
             a, p = layer.attention, f"layers.{i}."
             shapes |= {p + "input_norm": (H,), p + "post_attn_norm": (H,)}
             if isinstance(a, LinearAttentionSpec):
-                shapes |= _linear_attention_shapes(a, H, p + "attn.")
+                local = linear_attention_shapes(a, H)
             else:
-                shapes |= _attention_shapes(a, H, p + "attn.")
+                local = mla_shapes(a, H) if a.mla is not None else attention_shapes(a, H)
+            shapes |= {p + name: shape for name, shape in local.items()}
             if layer.shared_expert_size:
                 n = layer.shared_expert_size
                 shapes |= {p + "shared.gate": (n, H), p + "shared.up": (n, H), p + "shared.down": (H, n)}
@@ -147,24 +168,47 @@ class ModelSpec:
         return shapes
 
 
-def _attention_shapes(a: AttentionSpec, H: int, p: str) -> dict[str, tuple[int, ...]]:
+def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
+    """A grouped-query attention layer's tensors (names after `layers.N.`)."""
     q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
-    shapes = {p + "q": ((2 if a.output_gate else 1) * q_out, H), p + "k": (kv_out, H), p + "v": (v_out, H), p + "o": (H, a.num_heads * a.v_head_dim)}
+    shapes = {"attn.q": ((2 if a.output_gate else 1) * q_out, hidden),  # a gated q carries its gate's rows "attn.k": (kv_out, hidden), "attn.v": (v_out, hidden),
+              "attn.o": (hidden, a.num_heads * a.v_head_dim)}
     if a.qkv_bias:
-        shapes |= {p + "q_bias": (q_out,), p + "k_bias": (kv_out,), p + "v_bias": (v_out,)}
+        shapes |= {"attn.q_bias": (q_out,), "attn.k_bias": (kv_out,), "attn.v_bias": (v_out,)}
     if a.o_bias:
-        shapes[p + "o_bias"] = (H,)
+        shapes["attn.o_bias"] = (hidden,)
     if a.qk_norm == "head":
-        shapes |= {p + "q_norm": (a.head_dim,), p + "k_norm": (a.head_dim,)}
+        shapes |= {"attn.q_norm": (a.head_dim,), "attn.k_norm": (a.head_dim,)}
     elif a.qk_norm == "full":
-        shapes |= {p + "q_norm": (q_out,), p + "k_norm": (kv_out,)}
+        shapes |= {"attn.q_norm": (q_out,), "attn.k_norm": (kv_out,)}
     if a.sinks:
-        shapes[p + "sinks"] = (a.num_heads,)
+        shapes["attn.sinks"] = (a.num_heads,)
     return shapes
 
 
-def _linear_attention_shapes(a: LinearAttentionSpec, H: int, p: str) -> dict[str, tuple[int, ...]]:
+def mla_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
+    """An MLA layer's attention tensors (names after `layers.N.`); biases where attention_bias is set."""
+    m, heads, rope = a.mla, a.num_heads, a.rope.head_dim
+    shapes = {"attn.kv_a": (m.kv_lora_rank + rope, hidden), "attn.kv_a_norm": (m.kv_lora_rank,),
+              "attn.kv_b": (heads * (m.nope_dim + a.v_head_dim), m.kv_lora_rank),
+              "attn.o": (hidden, heads * a.v_head_dim)}
+    if m.q_lora_rank is None:
+        shapes["attn.q"] = (heads * a.head_dim, hidden)
+    else:
+        shapes |= {"attn.q_a": (m.q_lora_rank, hidden), "attn.q_a_norm": (m.q_lora_rank,),
+                   "attn.q_b": (heads * a.head_dim, m.q_lora_rank)}
+    if a.qkv_bias:
+        shapes |= {"attn.kv_a_bias": (m.kv_lora_rank + rope,)} | (
+            {"attn.q_a_bias": (m.q_lora_rank,)} if m.q_lora_rank is not None else {})
+    if a.o_bias:
+        shapes["attn.o_bias"] = (hidden,)
+    return shapes
+
+
+def linear_attention_shapes(a: LinearAttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
+    """A Gated DeltaNet layer's tensors (names after `layers.N.`)."""
     value = a.num_v_heads * a.v_head_dim
-    return {p + "qkv": (a.conv_channels, H), p + "z": (value, H), p + "b": (a.num_v_heads, H),
-            p + "a": (a.num_v_heads, H), p + "conv": (a.conv_channels, a.conv_kernel), p + "A_log": (a.num_v_heads,),
-            p + "dt_bias": (a.num_v_heads,), p + "norm": (a.v_head_dim,), p + "o": (H, value)}
+    return {"attn.qkv": (a.conv_channels, hidden), "attn.z": (value, hidden), "attn.b": (a.num_v_heads, hidden),
+            "attn.a": (a.num_v_heads, hidden), "attn.conv": (a.conv_channels, a.conv_kernel),
+            "attn.A_log": (a.num_v_heads,), "attn.dt_bias": (a.num_v_heads,), "attn.norm": (a.v_head_dim,),
+            "attn.o": (hidden, value)}

@@ -25,6 +25,22 @@ ARCHS: dict[str, dict] = {
                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                         linear_value_head_dim=24, linear_conv_kernel_dim=4, moe_intermediate_size=32,
                         shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2, vocab_size=257),
+    "glm4_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
+                     num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                     routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True),
+    # MLA: decode (a few tokens) takes the absorbed path, a 40-token prefill the expanded one (model/mla.py)
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
+                                             mscale_all_dim=0.707, original_max_position_embeddings=128)),
+    "deepseek_v2": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, n_shared_experts=2,
+                        first_k_dense_replace=1, routed_scaling_factor=1.5),
 }
 # transformers' model_type where it differs from ours: Qwen3.5-MoE's text model (the multimodal config nests it)
 HF_TYPES = {"qwen3_5_moe": "qwen3_5_moe_text"}

@@ -143,7 +143,8 @@ def test_unknown_model_type_lists_supported(single, tmp_path, model_type):
     message = _fails_cleanly(path, None, ModelFormatError, "config.json", "model_type", repr(model_type),
                              fix=("supported:",))
     supported = message.split("supported:")[1]
-    for arch in ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash", "qwen3_5_moe"):
+    for arch in ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash", "deepseek_v2", "deepseek_v3",
+                 "glm4_moe", "qwen3_5_moe"):
         assert arch in supported
 
 

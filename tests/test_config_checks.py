@@ -64,8 +64,9 @@ def _matches_reference(path: Path, ref) -> None:
 
 # --- tensors config.json does not account for ---------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "mimo_v2_flash", "qwen3_5_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "mimo_v2_flash", "deepseek_v2", "deepseek_v3", "glm4_moe", "qwen3_5_moe"])
 def test_fewer_layers_in_config_than_in_checkpoint(base, tmp_path, arch):
+    """DeepSeek-V3 and GLM-4.5 read layers past num_hidden_layers as MTP layers, but only ones that are (eh_proj)."""
     n = json.loads((base(arch)[0] / "config.json").read_text())["num_hidden_layers"]
     extra = {"layer_types": None, "mlp_layer_types": None} if arch != "mixtral" else {}
     path = _variant(base, arch, tmp_path, {"num_hidden_layers": n - 1} | extra)
@@ -158,6 +159,12 @@ def test_layer_list_with_unknown_entry(base, tmp_path, arch, key, value):
     ("gpt_oss", {"head_dim": 19}, "head_dim=19"),  # YaRN needs an even rotary size
     ("qwen3_moe", {"head_dim": 2**31}, "head_dim"),  # once allocated a 2**30-entry rotary table
     ("mimo_v2_flash", {"hidden_act": "gelu"}, "hidden_act"),
+    ("deepseek_v3", {"head_dim": 16}, "head_dim"),  # transformers would rotate 16 channels of the 8-channel key
+    ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
+    ("deepseek_v3", {"n_group": 3}, "n_group"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method"),
+    ("deepseek_v2", {"n_group": 3}, "n_group"),
+    ("glm4_moe", {"first_k_dense_replace": -1}, "first_k_dense_replace"),
     ("mixtral", {"num_local_experts": 4, "num_experts": 8}, "num_experts"),
     ("olmoe", {"rms_norm_eps": 0}, "rms_norm_eps"),
     ("olmoe", {"rms_norm_eps": "1e-5"}, "rms_norm_eps"),

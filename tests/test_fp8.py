@@ -1,11 +1,13 @@
-"""Block-scaled FP8 checkpoints (float8_e4m3fn weights + weight_scale_inv per 128x128 block, as DeepSeek-V3
-and MiMo-V2-Flash publish them) load as their dequantized values, then take any preset."""
+"""Block-scaled FP8 checkpoints (float8_e4m3fn weights + weight_scale_inv per 128x128 block, as DeepSeek-V3,
+Kimi-K2 and MiMo-V2-Flash publish them) load as their dequantized values, then take any preset."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import offload
+from offload.packed import convert
 from hf_tiny import save_tiny
 
 
@@ -22,9 +24,12 @@ def to_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torc
     return q, scale
 
 
-def test_fp8_checkpoint_loads_dequantized(tmp_path):
-    save_tiny("mimo_v2_flash", tmp_path / "dense", hidden_size=128, moe_intermediate_size=192,
-              intermediate_size=192)  # 192: a partial 128-block at the edge, and divisible by the group size
+@pytest.mark.parametrize("arch", ["mimo_v2_flash", "deepseek_v3"])
+def test_fp8_checkpoint_loads_dequantized(tmp_path, arch):
+    """Loaded and offload-convert'ed alike (every architecture reads weights through one loader)."""
+    sizes = {"q_lora_rank": 64} if arch == "deepseek_v3" else {}  # divisible by the a4e4 group size
+    save_tiny(arch, tmp_path / "dense", hidden_size=128, moe_intermediate_size=192, intermediate_size=192,
+              **sizes)  # 192: a partial 128-block at the edge, and divisible by the group size
     state = load_file(tmp_path / "dense" / "model.safetensors")
     fp8, reference = {}, {}
     for name, w in state.items():
@@ -47,6 +52,7 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path):
     ids = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     expected = offload.load(tmp_path / "ref").forward(ids)
     assert torch.equal(offload.load(tmp_path / "fp8").forward(ids), expected)
+    assert torch.equal(offload.load(convert(tmp_path / "fp8", tmp_path / "packed")).forward(ids), expected)
     assert not torch.equal(expected, offload.load(tmp_path / "dense").forward(ids))  # fp8 really rounded
     quantized = offload.load(tmp_path / "fp8", quant="a4e4", cache_experts=2)
     assert torch.isfinite(quantized.forward(ids)).all()

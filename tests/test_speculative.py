@@ -1,5 +1,6 @@
-"""MTP speculative decoding on a tiny random MiMo-V2-Flash checkpoint with an MTP layer: greedy output is
-token-for-token the plain greedy output (resident and offloaded); sampling keeps the distribution."""
+"""MTP speculative decoding on tiny random MiMo-V2-Flash, DeepSeek-V3 and GLM-4.5 checkpoints with an MTP layer in
+their published layouts: greedy output is token-for-token the plain greedy output (resident and offloaded);
+sampling keeps the distribution."""
 import pytest
 import torch
 from hf_tiny import save_tiny
@@ -27,20 +28,38 @@ def _mtp_tensors(state: dict, g: torch.Generator) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def mimo_mtp(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mimo_mtp")
-    save_tiny("mimo_v2_flash", path)
+def _layer_mtp_tensors(state: dict, layers: int, g: torch.Generator) -> dict:
+    """DeepSeek-V3's / GLM-4.5's layout: model.layers.{num_hidden_layers}.* holding a MoE decoder layer (the last
+    one's tensors, perturbed), enorm / hnorm / eh_proj / shared_head.norm, and copies of the embedding and head."""
+    last, mtp = f"model.layers.{layers - 1}.", f"model.layers.{layers}."
+    out = {mtp + name[len(last):]: t + 0.05 * torch.randn(t.shape, generator=g)
+           for name, t in state.items() if name.startswith(last)}
+    h = state["model.norm.weight"].numel()
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        out[f"{mtp}{name}.weight"] = 1 + 0.3 * torch.randn(h, generator=g)
+    out[mtp + "eh_proj.weight"] = 0.1 * torch.randn(h, 2 * h, generator=g)
+    out[mtp + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    out[mtp + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    return out
+
+
+@pytest.fixture(scope="module", params=["mimo_v2_flash", "deepseek_v3", "glm4_moe"])
+def mtp_model(request, tmp_path_factory):
+    arch = request.param
+    path = tmp_path_factory.mktemp(f"{arch}_mtp")
+    ref = save_tiny(arch, path)
     state = load_file(path / "model.safetensors")
-    save_file(state | _mtp_tensors(state, torch.Generator().manual_seed(0)), path / "model.safetensors",
-              metadata={"format": "pt"})
+    g = torch.Generator().manual_seed(0)
+    extra = _mtp_tensors(state, g) if arch == "mimo_v2_flash" else _layer_mtp_tensors(
+        state, ref.config.num_hidden_layers, g)
+    save_file(state | extra, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
 
 @pytest.mark.parametrize("cache_experts", [None, 2])
 @pytest.mark.parametrize("draft", [1, 3])
-def test_greedy_speculative_equals_plain(mimo_mtp, cache_experts, draft):
-    model = offload.load(mimo_mtp, cache_experts=cache_experts)
+def test_greedy_speculative_equals_plain(mtp_model, cache_experts, draft):
+    model = offload.load(mtp_model, cache_experts=cache_experts)
     for seed in range(3):
         prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(seed))
         plain = model.generate(prompt, max_new_tokens=40)
@@ -51,7 +70,7 @@ def test_greedy_speculative_equals_plain(mimo_mtp, cache_experts, draft):
     assert 0 <= stats["acceptance"] <= 1
 
 
-def test_mtp_layer_reads_every_position_once_across_draft_switches(mimo_mtp):
+def test_mtp_layer_reads_every_position_once_across_draft_switches(mtp_model):
     """Steps that draft and steps that do not (the first one included, so the MTP layer's prefill result goes
     unused) alternate: the MTP layer must still read every position once, in order, with the main model's
     state there and the next token. Verification would hide a slip (greedy output stays right whatever
@@ -70,7 +89,7 @@ def test_mtp_layer_reads_every_position_once_across_draft_switches(mimo_mtp):
             self.log.append(super().choose())
             return self.log[-1]
 
-    model = offload.load(mimo_mtp)
+    model = offload.load(mtp_model)
     head = model.mtp_head
     mtp = Logged(head.w, head.spec, head.embed, head.lm_head, head.device, head.dtype)
     mtp.reads = []

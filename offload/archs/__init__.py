@@ -3,10 +3,12 @@ from types import ModuleType
 
 from ..errors import ModelFormatError
 from ..spec import ModelSpec
-from . import gpt_oss, mimo_v2_flash, mixtral, olmoe, qwen3_5_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mimo_v2_flash, mixtral, olmoe, qwen3_5_moe, qwen3_moe
 from .rules import check
 
 ADAPTERS: dict[str, ModuleType] = {m.model_type: m for m in (mixtral, qwen3_moe, olmoe, gpt_oss, mimo_v2_flash)}
+ADAPTERS |= {m.model_type: m for m in (deepseek_v2, deepseek_v3, glm4_moe)}  # DeepSeek family (issue 20)
+ADAPTERS["kimi_k2"] = deepseek_v3  # Kimi-K2's config.json names DeepSeek-V3's architecture (its auto_map)
 ADAPTERS |= {name: qwen3_5_moe for name in (qwen3_5_moe.model_type, *qwen3_5_moe.aliases)}
 
 

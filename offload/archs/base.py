@@ -290,3 +290,15 @@ def renaming_converter(renamer: Renamer) -> Callable[[str, ReadTensor], Converte
         canonical = renamer(name)
         return [] if canonical is None else [(canonical, read(name))]
     return convert
+
+
+def mtp_converter(renamer: Renamer) -> Callable[[str, ReadTensor], Converted]:
+    """renaming_converter, and the multi-token prediction layers' `model.mtp.*` tensors kept as read, as `mtp.*`
+    (model/mtp.py names them when speculative decoding first needs them)."""
+    plain = renaming_converter(renamer)
+
+    def convert(name: str, read: ReadTensor) -> Converted:
+        if name.startswith("model.mtp."):
+            return [("mtp." + name[len("model.mtp."):], read(name))]
+        return plain(name, read)
+    return convert

@@ -5,8 +5,6 @@ from ..spec import ExpertSpec, LayerSpec, ModelSpec, RouterSpec
 from .base import (
     COMMON_LAYER_RENAMES,
     ROTARY_CACHE,
-    Converted,
-    ReadTensor,
     Renamer,
     expert_count,
     flag,
@@ -15,6 +13,7 @@ from .base import (
     kinds,
     layer_count,
     model_fields,
+    mtp_converter,
     number,
     plain_attention,
     rope_spec,
@@ -76,11 +75,4 @@ def spec(config: dict) -> ModelSpec:
     )
 
 
-_rename = Renamer([(r"self_attn\.attention_sink_bias", "attn.sinks"), *COMMON_LAYER_RENAMES])
-
-
-def convert(name: str, read: ReadTensor) -> Converted:
-    if name.startswith("model.mtp."):  # kept for multi-token prediction; not part of the main decoder
-        return [("mtp." + name[len("model.mtp."):], read(name))]
-    canonical = _rename(name)
-    return [] if canonical is None else [(canonical, read(name))]
+convert = mtp_converter(Renamer([(r"self_attn\.attention_sink_bias", "attn.sinks"), *COMMON_LAYER_RENAMES]))

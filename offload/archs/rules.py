@@ -27,12 +27,13 @@ def _check_router(spec: ModelSpec) -> None:
     r = spec.router
     if not 1 <= r.top_k <= r.num_experts:
         raise bad("num_experts_per_tok", r.top_k, f"between 1 and the {r.num_experts} routed experts")
-    if r.scoring != "sigmoid":  # only the sigmoid (DeepSeek-style) router reads n_group / topk_group
+    if r.scoring != "sigmoid" and r.n_group == 1:  # only DeepSeek-style routers read n_group / topk_group
         return
     per_group = r.num_experts // r.n_group
-    if r.num_experts % r.n_group or per_group < 2:
-        raise bad("n_group", r.n_group, f"a divisor of the {r.num_experts} routed experts that leaves at least two "
-                  "per group (grouped top-k ranks a group by its best two)")
+    least = 2 if r.group_score == "top2_sum" else 1
+    if r.num_experts % r.n_group or per_group < least:
+        raise bad("n_group", r.n_group, f"a divisor of the {r.num_experts} routed experts that leaves at least "
+                  f"{least} per group (grouped top-k ranks a group by its best {'two' if least == 2 else 'one'})")
     if not 1 <= r.topk_group <= r.n_group or r.top_k > r.topk_group * per_group:
         raise bad("topk_group", r.topk_group, f"between 1 and n_group={r.n_group}, and its groups must hold the "
                   f"num_experts_per_tok={r.top_k} experts chosen ({per_group} per group)")

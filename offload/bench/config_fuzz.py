@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from .fuzz import Context, WrongAnswer, register
 
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash")
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "mimo_v2_flash", "deepseek_v2", "deepseek_v3", "glm4_moe")
 SIZES = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, intermediate_size=32, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
              pad_token_id=0, dtype="float32")
@@ -26,12 +26,23 @@ PER_ARCH = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_
             "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=3.0),
             "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5),
             "mimo_v2_flash": dict(moe_intermediate_size=16, v_head_dim=8, num_key_value_heads=1, n_routed_experts=8,
-                                  num_experts_per_tok=2, sliding_window=5)}
+                                  num_experts_per_tok=2, sliding_window=5),
+            "deepseek_v2": dict(moe_intermediate_size=16, num_key_value_heads=4, head_dim=4, q_lora_rank=None,
+                                kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                                num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                first_k_dense_replace=1),
+            "deepseek_v3": dict(moe_intermediate_size=16, num_key_value_heads=4, head_dim=4, q_lora_rank=8,
+                                kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                                num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1),
+            "glm4_moe": dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                             topk_group=1, use_qk_norm=True, attention_bias=True)}
 # Fields transformers reads that a saved config.json may not hold.
 EXTRA_FIELDS = ("rope_scaling", "rope_theta", "partial_rotary_factor", "sliding_window_size", "layer_types",
                 "mlp_layer_types", "use_sliding_window", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
                 "n_group", "topk_group", "routed_scaling_factor", "attention_value_scale", "clip_qkv", "swiglu_limit",
-                "swiglu_alpha", "attention_bias", "torch_dtype", "head_dim", "num_local_experts", "num_experts")
+                "swiglu_alpha", "attention_bias", "torch_dtype", "head_dim", "num_local_experts", "num_experts",
+                "first_k_dense_replace", "n_shared_experts", "q_lora_rank", "rope_interleave", "topk_method",
+                "use_qk_norm")
 ROPE_FIELDS = ("rope_type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
                "beta_fast", "beta_slow", "truncate", "attention_factor", "type")
 DELETE = "<delete>"

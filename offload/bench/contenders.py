@@ -134,7 +134,8 @@ def _load_accelerate(c: Contender, path: Path, s: dict) -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    cached = round(s["cache_experts"] / config.num_experts * config.num_hidden_layers)
+    experts = getattr(config, "num_experts", None) or config.n_routed_experts  # GLM-4.5 names them so only
+    cached = round(s["cache_experts"] / experts * config.num_hidden_layers)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     offloaded = {f"model.layers.{i}.mlp.experts" for i in range(cached, config.num_hidden_layers)}

@@ -35,8 +35,26 @@ QWEN3_5_2B = dict(model_type="qwen3_5_moe_text", vocab_size=32000, hidden_size=1
                   linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=256,
                   shared_expert_intermediate_size=256, max_position_embeddings=4096, bos_token_id=None,
                   eos_token_id=None, pad_token_id=0)
+# DeepSeek-V2-Lite's and GLM-4.5-Air's layouts at ~2B parameters, random weights as OLMOE_1B's: MLA (latent 256,
+# rotary key 32, q without LoRA), 64 experts top-6 and 2 shared experts; partial rotary, q/k/v biases, 8:1 GQA,
+# 128 experts top-8 and one shared; hidden 1024, 20 layers, the first dense, a 32k vocabulary.
+SPECIAL = dict(max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+V2_LITE_2B = dict(model_type="deepseek_v2", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                  num_hidden_layers=20, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=256, qk_rope_head_dim=32,
+                  qk_nope_head_dim=64, v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+                  moe_intermediate_size=512, first_k_dense_replace=1, topk_method="greedy", **SPECIAL)
+GLM_AIR_2B = dict(model_type="glm4_moe", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                  num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=2, head_dim=64,
+                  partial_rotary_factor=0.5, attention_bias=True, n_routed_experts=128, num_experts_per_tok=8,
+                  n_shared_experts=1, moe_intermediate_size=256, first_k_dense_replace=1, **SPECIAL)
 SHAPES = {"olmoe": (OLMOE_1B, DEFAULT_DIR),
-          "qwen3_5_moe": (QWEN3_5_2B, Path.home() / ".cache" / "moe-offload" / "bench-qwen3_5_moe-1.75b")}
+          "qwen3_5_moe": (QWEN3_5_2B, DEFAULT_DIR.with_name("bench-qwen3_5_moe-1.75b")),
+          "deepseek_v2": (V2_LITE_2B, DEFAULT_DIR.with_name("bench-v2-lite-2b")),
+          "glm4_moe": (GLM_AIR_2B, DEFAULT_DIR.with_name("bench-glm-air-2b"))}
+
+
+def routed_experts(config: dict) -> int:
+    return config.get("num_experts") or config["n_routed_experts"]
 
 
 def make_checkpoint(path: Path, config: dict = OLMOE_1B, shard_bytes: int = 1 << 30) -> Path:
@@ -179,7 +197,7 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
     g = torch.Generator().manual_seed(0)
     common = {"prompt": torch.randint(3, config["vocab_size"], (prompt_tokens,), generator=g).tolist(),
               "tokens": tokens, "prompt_tokens": prompt_tokens, "threads": threads, "reps": reps,
-              "cache_experts": max(1, round(cache_fraction * config["num_experts"]))}
+              "cache_experts": max(1, round(cache_fraction * routed_experts(config)))}
     skipped: dict[str, str] = {}
     extra: dict[str, dict] = {}
     _prepare_llama_cpp(names, path, extra, skipped)

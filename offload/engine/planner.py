@@ -39,8 +39,8 @@ def free_device_memory(device: torch.device) -> int:
 
 
 def kv_bytes(spec: ModelSpec, context: int, dtype_bytes: int) -> int:
-    """KV cache bytes for one sequence of `context` tokens (sliding layers hold only their window, linear-attention
-    layers a fixed state)."""
+    """KV cache bytes for one sequence of `context` tokens (sliding layers hold only their window, MLA layers
+    their latent and rotary key, linear-attention layers a fixed state)."""
     total = 0
     for layer in spec.layers:
         a = layer.attention
@@ -48,7 +48,8 @@ def kv_bytes(spec: ModelSpec, context: int, dtype_bytes: int) -> int:
             total += a.num_v_heads * a.k_head_dim * a.v_head_dim * 4 + a.conv_channels * (a.conv_kernel - 1) * dtype_bytes
             continue
         positions = min(context, a.window) if a.window else context
-        total += positions * a.num_kv_heads * (a.head_dim + a.v_head_dim) * dtype_bytes
+        heads, k_dim, v_dim = a.cache_dims()
+        total += positions * heads * (k_dim + v_dim) * dtype_bytes
     return total
 
 

@@ -14,6 +14,7 @@ import torch
 from ..spec import AttentionSpec, RopeSpec
 from .kv_cache import KeysView, LayerCache
 from .linear import linear
+from .mla import mla_attention
 from .norm import rms_norm
 from .rope import apply_rotary
 
@@ -102,6 +103,8 @@ def _project(x: torch.Tensor, w: dict, a: AttentionSpec,
 def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps: float, step: Step,
               cache: LayerCache) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]; `w` as `fuse_qkv` leaves it (or plain q, k, v)."""
+    if a.mla is not None:
+        return mla_attention(x, w, a, step, cache)
     B, T, _ = x.shape
     qk, v, gate = _project(x, w, a, eps)
     cos, sin = step.rotary[a.rope]

@@ -33,8 +33,9 @@ class LayerCache:
         self.window = attn.window
         self.capacity = min(max_len, attn.window + slack) if attn.window else max_len  # entries it may hold
         size = min(self.capacity, CHUNK)
-        self.k = torch.zeros(batch, attn.num_kv_heads, size, attn.head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, attn.num_kv_heads, size, attn.v_head_dim, dtype=dtype, device=device)
+        heads, k_dim, v_dim = attn.cache_dims()  # MLA: k holds the latent, v the rotary key
+        self.k = torch.zeros(batch, heads, size, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, heads, size, v_dim, dtype=dtype, device=device)
         self.index = torch.full((size,), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
 

@@ -30,12 +30,14 @@ def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[t
         top, ids = torch.topk(logits, r.top_k, dim=-1)
         return torch.softmax(top, dim=-1).float(), ids
     if r.scoring == "softmax":
-        probs = torch.softmax(linear(x, w["weight"]).float(), dim=-1)
+        logits = linear_fp32(x, w["weight"]) if r.fp32_logits else linear(x, w["weight"]).float()
+        probs = torch.softmax(logits, dim=-1)
+        probs = _mask_groups(probs, r, 0.0) if r.n_group > 1 else probs  # DeepSeek-V2's group-limited greedy
         top, ids = torch.topk(probs, r.top_k, dim=-1)
     else:  # sigmoid scores; the correction bias steers the choice but not the weights
         scores = linear_fp32(x, w["weight"]).sigmoid()
         choice = scores + w["correction_bias"].float() if "correction_bias" in w else scores
-        choice = _mask_groups(choice, r) if r.n_group > 1 else choice
+        choice = _mask_groups(choice, r, float("-inf")) if r.n_group > 1 else choice
         ids = torch.topk(choice, r.top_k, dim=-1, sorted=False)[1]
         top = scores.gather(1, ids)
     if r.renormalize:
@@ -43,13 +45,14 @@ def route(x: torch.Tensor, w: dict[str, torch.Tensor], r: RouterSpec) -> tuple[t
     return top * r.scaling_factor, ids
 
 
-def _mask_groups(choice: torch.Tensor, r: RouterSpec) -> torch.Tensor:
-    """DeepSeek grouped top-k: keep the experts of the topk_group groups whose best two scores sum highest."""
+def _mask_groups(choice: torch.Tensor, r: RouterSpec, fill: float) -> torch.Tensor:
+    """DeepSeek grouped top-k: keep the experts of the topk_group groups whose best two scores sum highest (V3),
+    or whose best score is highest (V2); the others' scores become `fill`."""
     n = choice.shape[0]
     grouped = choice.view(n, r.n_group, -1)
-    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_scores = grouped.amax(dim=-1) if r.group_score == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)
     keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(r.topk_group, dim=-1)[1], 1).bool()
-    return grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
+    return grouped.masked_fill(~keep[..., None], fill).view(n, -1)
 
 
 def _activate(gate: torch.Tensor, up: torch.Tensor, e: ExpertSpec) -> torch.Tensor:

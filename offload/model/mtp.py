@@ -1,13 +1,15 @@
-"""Multi-token prediction (DeepSeek-V3 / MiMo-V2-Flash / Qwen3.5-MoE MTP layer) for drafting speculative tokens.
+"""Multi-token prediction (the MTP layer of MiMo-V2-Flash, DeepSeek-V3, GLM-4.5 and Qwen3.5-MoE) for drafting
+speculative tokens.
 
 At position t the layer reads the main model's final (normed) hidden state h_t and token t+1:
     x = eh_proj(cat[enorm(embed(tok_{t+1})), hnorm(h_t)])
-    x = x + attention(input_norm(x))          one attention layer (MiMo: sliding window with sinks; Qwen3.5:
-                                              gated full attention), its own KV cache
-    x = x + mlp(post_attn_norm(x))            dense SwiGLU (MiMo), or MoE + gated shared expert (Qwen3.5) whose
-                                              routed experts stay resident: the layer runs once per draft
+    x = x + attention(input_norm(x))          one decoder layer's attention (MiMo: a sliding one with sinks;
+                                              Qwen3.5: gated full attention; DeepSeek-V3: MLA), its own cache
+    x = x + mlp(post_attn_norm(x))            MiMo: dense SwiGLU; DeepSeek-V3 / GLM / Qwen3.5: a MoE layer with
+                                              its shared expert (Qwen3.5's gated)
     logits_{t+2} = lm_head(final_norm(x))     embedding and LM head shared with the main model
-Chained drafts feed the layer's own output state back as h.
+Chained drafts feed the layer's own output state back as h. A MoE layer's experts stay resident (they are only
+read while drafting).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..archs.base import Renamer
+from ..archs.deepseek_moe import RENAMES as MOE_RENAMES
+from ..archs.mla import RENAMES as MLA_RENAMES
 from ..engine.resident import ResidentExperts
 from ..spec import AttentionSpec, ExpertSpec, LayerSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
@@ -27,8 +31,8 @@ from .rope import RotaryTable
 from .threads import threads_for, with_threads
 
 OWN = {"enorm.weight": "enorm", "hnorm.weight": "hnorm", "eh_proj.weight": "eh_proj",
-       "final_layernorm.weight": "final_norm"}
-_rename = Renamer([(r"self_attn\.attention_sink_bias", "attn.sinks"), *Renamer().layer_renames])
+       "final_layernorm.weight": "final_norm", "shared_head.norm.weight": "final_norm"}
+_rename = Renamer([(r"self_attn\.attention_sink_bias", "attn.sinks"), *MLA_RENAMES, *MOE_RENAMES])
 
 
 def mtp_weights(mtp: dict[str, torch.Tensor], layer: int = 0) -> dict[str, torch.Tensor] | None:
@@ -49,9 +53,10 @@ def mtp_weights(mtp: dict[str, torch.Tensor], layer: int = 0) -> dict[str, torch
 
 
 def _layer_like(spec: ModelSpec) -> LayerSpec:
-    """The main-model layer the MTP layer is built like: MiMo's are sliding-window, Qwen3.5's full attention."""
+    """The main-model layer the MTP layer is built like: MiMo's are sliding-window; DeepSeek's, GLM's and
+    Qwen3.5's like the last (a MoE layer; Qwen3.5's last is a full-attention one)."""
     layers = [layer for layer in spec.layers if isinstance(layer.attention, AttentionSpec)]
-    return next((layer for layer in layers if layer.attention.window), layers[0])
+    return next((layer for layer in layers if layer.attention.window), layers[-1])
 
 
 class MTPHead:
