@@ -171,8 +171,9 @@ class ModelSpec:
 def attention_shapes(a: AttentionSpec, hidden: int) -> dict[str, tuple[int, ...]]:
     """A grouped-query attention layer's tensors (names after `layers.N.`)."""
     q_out, kv_out, v_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.v_head_dim
-    shapes = {"attn.q": ((2 if a.output_gate else 1) * q_out, hidden),  # a gated q carries its gate's rows "attn.k": (kv_out, hidden), "attn.v": (v_out, hidden),
-              "attn.o": (hidden, a.num_heads * a.v_head_dim)}
+    # a gated q (Qwen3.5) carries its gate's rows
+    shapes = {"attn.q": ((2 if a.output_gate else 1) * q_out, hidden), "attn.k": (kv_out, hidden),
+              "attn.v": (v_out, hidden), "attn.o": (hidden, a.num_heads * a.v_head_dim)}
     if a.qkv_bias:
         shapes |= {"attn.q_bias": (q_out,), "attn.k_bias": (kv_out,), "attn.v_bias": (v_out,)}
     if a.o_bias:
