@@ -1,6 +1,6 @@
 """Qwen3.5-MoE beyond the generic reference tests (which cover it through hf_tiny.ARCHS): prompts longer than
 the chunked delta rule's chunk, the linear-attention state's constant size and its roll-back, the multimodal
-checkpoint layout, fused expert tensors, and MTP speculative decoding over the recurrent state."""
+checkpoint layout and fused expert tensors (MTP speculative decoding over the recurrent state: test_speculative.py)."""
 import json
 
 import pytest
@@ -127,48 +127,6 @@ def test_fused_expert_tensors_load_as_per_expert_ones(tiny, tmp_path):
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     ids = _ids(20)
     assert torch.equal(offload.load(tmp_path).forward(ids), offload.load(path).forward(ids))
-
-
-def _mtp_tensors(state: dict, g: torch.Generator) -> dict:
-    """An MTP module in the published layout: fc over [embedding, hidden], (1 + w) norms, one gated
-    full-attention layer with a MoE (router, experts, gated shared expert). Its attention and MLP outputs are
-    scaled down and fc passes the embedding through: with tied embeddings it drafts "the token repeats",
-    right where the main model's greedy output repeats a token and wrong elsewhere, so steps both accept
-    and reject drafts."""
-    layer = "model.layers.3."  # the full-attention layer
-    out = {}
-    for name, t in state.items():
-        if name.startswith(layer):
-            small = 0.02 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-            out["mtp.layers.0." + name[len(layer):]] = small * (t + 0.05 * torch.randn(t.shape, generator=g))
-    h = state["model.norm.weight"].numel()
-    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        out[f"mtp.{name}.weight"] = 0.1 * torch.randn(h, generator=g)
-    out["mtp.fc.weight"] = torch.cat((torch.eye(h), 0.02 * torch.randn(h, h, generator=g)), 1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def with_mtp(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3_5_mtp")
-    save_tiny(ARCH, path, tie_word_embeddings=True)  # its greedy output falls into repeats (and leaves them)
-    state = load_file(path / "model.safetensors")
-    save_file(state | _mtp_tensors(state, torch.Generator().manual_seed(0)), path / "model.safetensors",
-              metadata={"format": "pt"})
-    return path
-
-
-@pytest.mark.parametrize("cache_experts", [None, 2])
-@pytest.mark.parametrize("draft", [1, 3])
-def test_greedy_speculative_equals_plain(with_mtp, cache_experts, draft):
-    model = offload.load(with_mtp, cache_experts=cache_experts)
-    for seed in range(3):
-        prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(seed))
-        plain = model.generate(prompt, max_new_tokens=40)
-        fast = model.generate(prompt, max_new_tokens=40, speculative="mtp", draft_tokens=draft)
-        assert fast.tolist() == plain.tolist()
-    stats = model.stats()["speculative"]
-    assert stats["drafted"] > stats["accepted"] > 0  # drafts both accepted and rejected: both paths ran
 
 
 def test_deltanet_bench_compares_the_same_rule():

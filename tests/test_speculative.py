@@ -1,4 +1,4 @@
-"""MTP speculative decoding on tiny random MiMo-V2-Flash, DeepSeek-V3 and GLM-4.5 checkpoints with an MTP layer in
+"""MTP speculative decoding on tiny random MiMo-V2-Flash, DeepSeek-V3, GLM-4.5 and Qwen3.5-MoE checkpoints with an MTP layer in
 their published layouts: greedy output is token-for-token the plain greedy output (resident and offloaded);
 sampling keeps the distribution."""
 import pytest
@@ -43,15 +43,39 @@ def _layer_mtp_tensors(state: dict, layers: int, g: torch.Generator) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=["mimo_v2_flash", "deepseek_v3", "glm4_moe"])
+def _qwen3_5_mtp_tensors(state: dict, g: torch.Generator) -> dict:
+    """An MTP module in the published layout: fc over [embedding, hidden], (1 + w) norms, one gated
+    full-attention layer with a MoE (router, experts, gated shared expert). Its attention and MLP outputs are
+    scaled down and fc passes the embedding through: with tied embeddings it drafts "the token repeats",
+    right where the main model's greedy output repeats a token and wrong elsewhere, so steps both accept
+    and reject drafts."""
+    layer = "model.layers.3."  # the full-attention layer
+    out = {}
+    for name, t in state.items():
+        if name.startswith(layer):
+            small = 0.02 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            out["mtp.layers.0." + name[len(layer):]] = small * (t + 0.05 * torch.randn(t.shape, generator=g))
+    h = state["model.norm.weight"].numel()
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        out[f"mtp.{name}.weight"] = 0.1 * torch.randn(h, generator=g)
+    out["mtp.fc.weight"] = torch.cat((torch.eye(h), 0.02 * torch.randn(h, h, generator=g)), 1)
+    return out
+
+
+@pytest.fixture(scope="module", params=["mimo_v2_flash", "deepseek_v3", "glm4_moe", "qwen3_5_moe"])
 def mtp_model(request, tmp_path_factory):
     arch = request.param
     path = tmp_path_factory.mktemp(f"{arch}_mtp")
-    ref = save_tiny(arch, path)
+    # Qwen3.5: tied embeddings, so its greedy output falls into repeats (and leaves them), where its MTP drafts
+    ref = save_tiny(arch, path, **({"tie_word_embeddings": True} if arch == "qwen3_5_moe" else {}))
     state = load_file(path / "model.safetensors")
     g = torch.Generator().manual_seed(0)
-    extra = _mtp_tensors(state, g) if arch == "mimo_v2_flash" else _layer_mtp_tensors(
-        state, ref.config.num_hidden_layers, g)
+    if arch == "mimo_v2_flash":
+        extra = _mtp_tensors(state, g)
+    elif arch == "qwen3_5_moe":
+        extra = _qwen3_5_mtp_tensors(state, g)
+    else:
+        extra = _layer_mtp_tensors(state, ref.config.num_hidden_layers, g)
     save_file(state | extra, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
@@ -68,6 +92,8 @@ def test_greedy_speculative_equals_plain(mtp_model, cache_experts, draft):
     stats = model.stats()["speculative"]
     assert stats["verify_steps"] > 0 and stats["drafted"] > 0
     assert 0 <= stats["acceptance"] <= 1
+    if mtp_model.name.startswith("qwen3_5_moe"):  # its MTP is built to agree at repeats: rejected drafts must be
+        assert stats["drafted"] > stats["accepted"] > 0  # rolled back out of the recurrent state, accepted kept
 
 
 def test_mtp_layer_reads_every_position_once_across_draft_switches(mtp_model):
