@@ -52,14 +52,17 @@ def e2e(model: Path | None = typer.Option(None, help="Checkpoint dir (default: a
         shape: str = typer.Option("olmoe", help="Generated checkpoint when no --model: olmoe (1.74B, 64 experts), "
                                                 "qwen3_5_moe (1.75B, Qwen3.5-35B-A3B's proportions), deepseek_v2 "
                                                 "(2B, DeepSeek-V2-Lite's layout) or glm4_moe (2B, GLM-4.5-Air's "
-                                                "layout).")) -> None:
+                                                "layout)."),
+        device: str = typer.Option("cpu", help="Where ours and transformers compute (cuda: llama.cpp and "
+                                               "accelerate's disk offload, CPU-only, are skipped).")) -> None:
     """Decode and prefill tok/s, time to first token, load time, peak RSS and roofline fraction of every contender
-    (ours, transformers, transformers + accelerate offload, llama.cpp: built on demand into a cache) on the CPU."""
+    (ours, transformers, transformers + accelerate offload, llama.cpp: built on demand into a cache), on the CPU
+    unless --device says otherwise."""
     from offload.bench.e2e import run
 
     names = [n.strip() for n in contenders.split(",") if n.strip()] or None
     try:
-        run(model, names, rounds, reps, tokens, prompt_tokens, threads, cache_fraction, json_out, shape)
+        run(model, names, rounds, reps, tokens, prompt_tokens, threads, cache_fraction, json_out, shape, device)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from offload.bench.e2e import OLMOE_1B, QWEN3_5_2B, active_bytes, make_checkpoint
+from offload.packed import is_packed
 
 import offload
 
@@ -20,7 +21,8 @@ TINY_QWEN3_5 = QWEN3_5_2B | dict(vocab_size=512, hidden_size=64, num_hidden_laye
                                  head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                                  linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2,
                                  moe_intermediate_size=32, shared_expert_intermediate_size=32)
-CONTENDERS = ["ours-resident-bf16", "ours-offloaded-bf16", "transformers", "transformers-accelerate"]
+CONTENDERS = ["ours-resident-bf16", "ours-resident-a4e2", "ours-offloaded-bf16", "transformers",
+              "transformers-accelerate"]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,23 @@ def test_qwen3_5_shape_checkpoint_loads(tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     expected = ref.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert offload.load(path, dtype=torch.float32).generate(ids, max_new_tokens=4).tolist() == expected.tolist()
+
+
+def test_quantized_contenders_load_a_pack_converted_once(report, tmp_path_factory):
+    """ours-resident-a4e2 loads the packed checkpoint written beside the model (as llama.cpp opens its GGUF)."""
+    packed = Path(report[0]["checkpoint"]).with_name("olmoe-a4e2")
+    assert is_packed(packed)
+    assert report[0]["contenders"]["ours-resident-a4e2"]["tokens"] == offload.load(packed).generate(
+        torch.tensor([report[0]["prompt"]]), max_new_tokens=8)[0, -8:].tolist()
+
+
+def test_cpu_only_contenders_are_skipped_on_a_gpu(tmp_path):
+    from offload.bench.e2e import run
+
+    path = make_checkpoint(tmp_path / "olmoe", TINY)
+    results = run(path, ["llama.cpp-bf16", "transformers-accelerate"], rounds=1, threads=1, device="cuda")
+    assert set(results["skipped"]) == {"llama.cpp-bf16", "transformers-accelerate"}
+    assert all("CPU only" in reason for reason in results["skipped"].values())
 
 
 def test_unknown_contender_is_refused():

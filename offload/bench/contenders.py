@@ -59,9 +59,9 @@ def _load_ours(c: Contender, path: Path, s: dict) -> Loaded:
 
     kw = {"cache_experts": s["cache_experts"], "prefetch": 1, "miss_policy": "auto"} if c.offloaded else {}
     if "packed" in s:  # converted once by offload-bench e2e: the preset is in the pack
-        model = offload.load(s["packed"], device="cpu", **kw)
+        model = offload.load(s["packed"], device=s["device"], **kw)
     else:
-        model = offload.load(path, device="cpu", quant=None if c.quant == "bf16" else c.quant, **kw)
+        model = offload.load(path, device=s["device"], quant=None if c.quant == "bf16" else c.quant, **kw)
 
     def generate(ids: list[int], n: int) -> Timed:
         # generate() hands back only the finished tensor; _tokens is the iterator of new tokens it consumes
@@ -97,7 +97,7 @@ def _hf_generate(model) -> Generate:
     def generate(ids: list[int], n: int) -> Timed:
         stamps = Stamps()
         with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  streamer=stamps)
         return out[0, len(ids):].tolist(), stamps.times
     return generate
@@ -107,7 +107,8 @@ def _load_transformers(c: Contender, path: Path, s: dict) -> Loaded:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return _hf_generate(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()), dict
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=s["device"])
+    return _hf_generate(model.eval()), dict
 
 
 def accelerate_device_map(model, offloaded: set[str]) -> dict[str, str]:

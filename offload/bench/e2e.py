@@ -183,8 +183,9 @@ def _summary(values: list[float]) -> dict:
 
 def run(path: Path | None = None, contenders: list[str] | None = None, rounds: int = 3, reps: int = 2,
         tokens: int = 64, prompt_tokens: int = 32, threads: int = 2, cache_fraction: float = 0.25,
-        json_out: Path | None = None, shape: str = "olmoe") -> dict:
-    """`shape`: the generated checkpoint used when `path` is None (SHAPES)."""
+        json_out: Path | None = None, shape: str = "olmoe", device: str = "cpu") -> dict:
+    """`shape`: the generated checkpoint used when `path` is None (SHAPES). `device`: where ours and transformers
+    compute (a GPU: the CPU-only contenders, llama.cpp and accelerate's disk offload, are skipped)."""
     names = contenders or list(CONTENDERS)
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -197,8 +198,10 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
     g = torch.Generator().manual_seed(0)
     common = {"prompt": torch.randint(3, config["vocab_size"], (prompt_tokens,), generator=g).tolist(),
               "tokens": tokens, "prompt_tokens": prompt_tokens, "threads": threads, "reps": reps,
-              "cache_experts": max(1, round(cache_fraction * routed_experts(config)))}
-    skipped: dict[str, str] = {}
+              "cache_experts": max(1, round(cache_fraction * routed_experts(config))), "device": device}
+    skipped: dict[str, str] = {n: f"runs on the CPU only, not on {device}" for n in names
+                               if device != "cpu" and CONTENDERS[n].kind in ("llama.cpp", "accelerate")}
+    names = [n for n in names if n not in skipped]
     extra: dict[str, dict] = {}
     _prepare_llama_cpp(names, path, extra, skipped)
     _prepare_packs(names, path, extra, skipped)
@@ -207,12 +210,13 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
     errors: dict[str, list[str]] = {n: [] for n in live}
     bandwidth: list[float] = []
     load: list[float] = []
-    head = {"checkpoint": str(path), "threads": threads, "prompt_tokens": prompt_tokens, "tokens": tokens,
-            "rounds": rounds, "reps": reps, "cache_experts": common["cache_experts"]}
+    head = {"checkpoint": str(path), "device": device, "threads": threads, "prompt_tokens": prompt_tokens, "tokens": tokens,
+            "rounds": rounds, "reps": reps, "cache_experts": common["cache_experts"], "prompt": common["prompt"]}
     for r in range(rounds):
         load.append(os.getloadavg()[0])
         bandwidth.append(float(_subprocess(["offload.bench.bandwidth", str(threads)], threads)) * 1e9)
-        for name in live[r % len(live):] + live[:r % len(live)]:  # rotated: no contender always runs first
+        turn = r % max(1, len(live))
+        for name in live[turn:] + live[:turn]:  # rotated: no contender always runs first
             settings = common | extra.get(name, {})
             print(f"round {r + 1}/{rounds}: {name}", file=sys.stderr)
             try:
