@@ -86,6 +86,6 @@ def test_hybrid_model_reads_each_layer_kinds_projections():
     h = 2048
     deltanet = q4((2 * 16 * 128 + 32 * 128, h)) + q4((32 * 128, h)) + 2 * q4((32, h)) + q4((h, 32 * 128))
     full = q4((2 * 16 * 256, h)) + 2 * q4((2 * 256, h)) + q4((h, 16 * 256))
-    shared = 2 * q4((512, h)) + q4((h, 512))
+    shared = 2 * q4((512, h)) + q4((h, 512)) + q4((1, h))  # and its sigmoid gate
     size = simulate.sizes(simulate.model_spec("qwen3.5-35b-a3b"), "a4e4")
     assert size.dense_layer == (3 * deltanet + full) // 4 + shared + 2 * 256 * h + 4 * h

@@ -54,6 +54,20 @@ MODELS = {
                         "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 10,
                         "max_position_embeddings": 32768,
                         "rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"}},
+    # DeepSeek-V2-Lite and GLM-4.5-Air: the fields of their public config.json that set what a token reads (their
+    # YaRN / rope details left out: they change no sizes)
+    "deepseek-v2-lite": {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+                         "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+                         "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
+                         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+                         "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+                         "topk_method": "greedy", "rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
+    "glm-4.5-air": {"model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944,
+                    "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96,
+                    "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5, "attention_bias": True,
+                    "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 131072},
 }
 
 PAPER = "Eliseev & Mazur 2023, arXiv 2312.17238, Table 2 (Mixtral-8x7B, attention 4-bit, experts 2-bit)"

@@ -28,7 +28,7 @@ from offload.engine.policies import make_policy
 from offload.engine.split import hot_experts
 from offload.engine.trace import TraceRow, read_trace
 from offload.quant.presets import PRESETS, QuantSpec
-from offload.spec import LayerSpec, LinearAttentionSpec, ModelSpec
+from offload.spec import ModelSpec
 
 from . import sim_data as data
 
@@ -190,9 +190,10 @@ def expert_quant(preset: str) -> QuantSpec | None:
 
 def sizes(spec: ModelSpec, preset: str) -> Sizes:
     """Bytes a decode token reads, attention 4-bit (HQQ, groups of 64) as in every preset simulated here; the
-    dense part is the mean over the MoE layers (hybrids mix attention kinds), a shared expert counted in it."""
+    dense part is the mean over the MoE layers (hybrids mix attention kinds), shared experts counted in it."""
     attention, h, inner = PRESETS["a4e4"].attention, spec.hidden_size, spec.expert.intermediate_size
-    dense = sum(_dense_layer_bytes(spec.layers[i], h, attention) for i in spec.moe_layers) // len(spec.moe_layers)
+    shapes = spec.expected_shapes()
+    dense = sum(_dense_layer_bytes(shapes, i, attention) for i in spec.moe_layers) // len(spec.moe_layers)
     dense += 2 * spec.router.num_experts * h
     quant = expert_quant(preset)
     if quant is None:
@@ -202,18 +203,12 @@ def sizes(spec: ModelSpec, preset: str) -> Sizes:
     return Sizes(dense + 4 * h, expert, 2 * h * spec.vocab_size + 4 * h)
 
 
-def _dense_layer_bytes(layer: LayerSpec, h: int, quant: QuantSpec) -> int:
-    """A layer's attention (or Gated DeltaNet) projections and shared expert at `quant`."""
-    a = layer.attention
-    if isinstance(a, LinearAttentionSpec):  # in: q, k, v (conv channels), z, b, a; out: v heads -> h
-        v = a.num_v_heads * a.v_head_dim
-        shapes = [(a.conv_channels, h), (v, h), (a.num_v_heads, h), (a.num_v_heads, h), (h, v)]
-    else:
-        q, kv, o = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_heads * a.v_head_dim
-        shapes = [(q * (2 if a.output_gate else 1), h), (kv, h), (kv, h), (h, o)]  # a gated q carries its gate
-    if layer.shared_expert_size:
-        shapes += [(layer.shared_expert_size, h)] * 2 + [(h, layer.shared_expert_size)]
-    return sum(quant.nbytes(s) for s in shapes)
+def _dense_layer_bytes(shapes: dict[str, tuple[int, ...]], layer: int, quant: QuantSpec) -> int:
+    """Layer `layer`'s projections (attention, Gated DeltaNet or MLA; shared experts and their gate) at `quant`:
+    every matrix of the spec's but the routed experts, the router and the DeltaNet's conv."""
+    p = f"layers.{layer}."
+    return sum(quant.nbytes(shape) for name, shape in shapes.items()
+               if name.startswith((p + "attn.", p + "shared")) and len(shape) == 2 and name != p + "attn.conv")
 
 
 def costs(size: Sizes, gpu: data.GPU, p: Params, naive: bool = False) -> Costs:
@@ -344,7 +339,8 @@ def run(traces: list[Path], json_out: Path | None = None, echo=print) -> dict:
     scored, profile = decode_tokens(rows[0]), [r for trace in rows[1:] or rows for r in trace]
     for gpu in ("T4", "RTX3060", "RTX4090"):
         ours += our_rows("mixtral-8x7b", "a4e2", gpu, scored, profile, params)
-        for model, preset in (("qwen3-30b-a3b", "a4e4"), ("qwen3.5-35b-a3b", "a4e4"), ("gpt-oss-20b", "mxfp4")):
+        for model, preset in (("qwen3-30b-a3b", "a4e4"), ("qwen3.5-35b-a3b", "a4e4"), ("deepseek-v2-lite", "a4e4"),
+                              ("glm-4.5-air", "a4e2"), ("gpt-oss-20b", "mxfp4")):
             trace = uniform_trace(model_spec(model))
             ours += our_rows(model, preset, gpu, decode_tokens(trace), uniform_trace(model_spec(model), seed=1),
                              params)
