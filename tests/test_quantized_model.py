@@ -16,7 +16,8 @@ import offload
 SIZES = {"mixtral": {"intermediate_size": 128}, "qwen3_moe": {"moe_intermediate_size": 64},
          "olmoe": {"intermediate_size": 64}, "gpt_oss": {},
          "mimo_v2_flash": {"moe_intermediate_size": 64, "intermediate_size": 128},
-         "qwen3_5_moe": {"moe_intermediate_size": 64, "linear_value_head_dim": 16},
+         "qwen3_5_moe": {"moe_intermediate_size": 64, "linear_value_head_dim": 16,
+                         "shared_expert_intermediate_size": 64},  # the shared expert is quantized as a dense MLP
          "glm4_moe": {"moe_intermediate_size": 64, "intermediate_size": 128},
          "deepseek_v3": {"moe_intermediate_size": 64, "intermediate_size": 128, "q_lora_rank": 64},
          "deepseek_v2": {"moe_intermediate_size": 64, "intermediate_size": 128, "qk_nope_head_dim": 8}}
