@@ -114,7 +114,7 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
     B, T = input_ids.shape
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = decoder.new_cache(B, T + max_new_tokens)
+    cache = decoder.decode_cache(B, T + max_new_tokens)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=decoder.device).manual_seed(sampling.seed)
@@ -127,8 +127,8 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
         hook.begin(B)
     try:
         for _ in range(max_new_tokens):
-            hidden = decoder.hidden_states(tokens, cache, positions, step_valid)
-            token = next_tokens(decoder.logits(hidden[:, -1]), history, sampling, generator)
+            token = next_tokens(decoder.next_logits(tokens, cache, positions, step_valid), history, sampling,
+                                generator)
             yield token
             finished |= torch.isin(token, eos)
             if bool(finished.all()):
@@ -138,6 +138,7 @@ def token_loop(decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.
             positions = positions[:, -1:] + 1
             step_valid = torch.ones(B, 1, dtype=torch.bool, device=input_ids.device)
     finally:
+        decoder.release(cache)
         for hook in decoder.hooks:
             hook.end()
 

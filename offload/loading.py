@@ -48,8 +48,10 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _check_options(dtype, cache_experts, prefetch: int, policy: str, miss_policy: str, placement: str,
-                   context: int, quant, memory_budget, predict_from: str, hot_trace, progress) -> None:
+                   context: int, quant, memory_budget, predict_from: str, hot_trace, progress, cuda_graphs) -> None:
     """Every option of `load`, before any file is read: a one-line ValueError naming the option."""
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, not {cuda_graphs!r}")
     _choice("dtype", dtype, (None, *COMPUTE_DTYPES))
     if cache_experts not in (None, "auto"):
         _count("cache_experts (None, 'auto' or slots per layer)", cache_experts, 1)
@@ -75,7 +77,7 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
          miss_policy: str = "load", placement: str = "auto", record_trace: str | Path | None = None,
          context: int = 4096, quant: str | None = None, memory_budget: int | None = None,
          predict_from: str = "attention", hot_trace: str | Path | None = None,
-         progress: Progress | None = None) -> MoEModel:
+         progress: Progress | None = None, cuda_graphs: bool = True) -> MoEModel:
     """Load a model from a local directory (config.json + *.safetensors + tokenizer), a hub repo id, or
     "demo" (the bundled model).
 
@@ -92,10 +94,13 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     (the planner decides, from the measured host->device bandwidth and CPU expert time on a GPU);
     record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
     offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load. progress: called as
-    progress(stage, done, total) during the slow stages of a load (offload-chat draws it).
+    progress(stage, done, total) during the slow stages of a load (offload-chat draws it). cuda_graphs: on a
+    GPU, replay one-token decode steps as CUDA graphs where the step allows it (offload.model.decode_graphs:
+    resident 16-bit experts, attention layers, no prefetch or trace hooks); False decodes eagerly, to the
+    same bits.
     """
     _check_options(dtype, cache_experts, prefetch, policy, miss_policy, placement, context, quant, memory_budget,
-                   predict_from, hot_trace, progress)
+                   predict_from, hot_trace, progress, cuda_graphs)
     dev = _device(device)
     recorder = None if record_trace is None else RoutingRecorder(record_trace)  # checks it can write there
     path, config, spec, adapter = load_spec(source)
@@ -126,7 +131,9 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     if not offloaded:
         if resident is None:
             resident = store.copies(dev)
-        experts = ResidentExperts({key: prepared(w) for key, w in resident.items()})
+        # popped as they are prepared (and stacked, on a GPU, for moe_on_device): never two copies of the experts
+        experts = ResidentExperts({key: prepared(resident.pop(key)) for key in sorted(resident)},
+                                  stack=dev.type == "cuda")
     else:
         if cache_experts == "auto":
             link = None
@@ -149,6 +156,8 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
             experts = OffloadedExperts(store, spec.moe_layers, capacity, dev, policy, miss_policy, placement,
                                        spec.router.top_k, alias=dev.type == "cpu" and placement == "inclusive")
     decoder = Decoder(spec, prepared({k: v.to(dev) for k, v in dense.items()}), experts, dev, dtype)
+    if not cuda_graphs:
+        decoder.graphs = None
     if offloaded and prefetch and placement != "split":  # a split moves no expert during a call
         decoder.hooks.append(Prefetcher(decoder, prefetch, predict_from=predict_from,
                                         predictors=load_predictors(path, spec.hidden_size, dev, dtype)))

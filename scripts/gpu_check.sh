@@ -16,7 +16,8 @@ for s in $sections; do
              tests/test_moe_dispatch.py tests/test_predictor.py tests/test_speculative.py tests/test_split.py ;;
     kernels) offload-bench gpu-kernels --json "$out/gpu-kernels.json" ;;
     speculative) offload-bench speculative --device cuda --prompts 10 --runs 3 --json "$out/speculative.json" ;;
-    e2e) offload-bench e2e --device cuda --rounds 3 --json "$out/e2e.json" ;;
+    e2e) offload-bench e2e --device cuda --rounds ${E2E_ROUNDS:-3} --json "$out/e2e.json" \
+           --contenders ours-resident-bf16,ours-resident-bf16-eager,transformers,ours-offloaded-bf16,ours-resident-a4e2 ;;
     split) offload-bench split --device cuda --runs 3 --json "$out/split.json" ;;
     *) echo "unknown section $s" >&2; false ;;
   esac 2>&1 | tee "$out/$s.log"

@@ -41,6 +41,7 @@ CONTENDERS = {c.name: c for c in [
     Contender("ours-resident-bf16", "ours"),
     Contender("ours-resident-a4e4", "ours", "a4e4"),
     Contender("ours-resident-a4e2", "ours", "a4e2"),
+    Contender("ours-resident-bf16-eager", "ours", options={"cuda_graphs": False}),  # a GPU's decode without graphs
     Contender("ours-offloaded-bf16", "ours", offloaded=True),
     Contender("ours-offloaded-a4e2", "ours", "a4e2", offloaded=True),
     Contender("transformers", "transformers"),
@@ -58,6 +59,7 @@ def _load_ours(c: Contender, path: Path, s: dict) -> Loaded:
     greedy = Sampling(0.0, 1.0, 0, 1.0, None)
 
     kw = {"cache_experts": s["cache_experts"], "prefetch": 1, "miss_policy": "auto"} if c.offloaded else {}
+    kw |= c.options
     if "packed" in s:  # converted once by offload-bench e2e: the preset is in the pack
         model = offload.load(s["packed"], device=s["device"], **kw)
     else:

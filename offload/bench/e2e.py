@@ -201,6 +201,8 @@ def run(path: Path | None = None, contenders: list[str] | None = None, rounds: i
               "cache_experts": max(1, round(cache_fraction * routed_experts(config))), "device": device}
     skipped: dict[str, str] = {n: f"runs on the CPU only, not on {device}" for n in names
                                if device != "cpu" and CONTENDERS[n].kind in ("llama.cpp", "accelerate")}
+    skipped |= {n: "the same as ours-resident-bf16 on a CPU (CUDA graphs need a GPU)" for n in names
+                if device == "cpu" and "cuda_graphs" in CONTENDERS[n].options}
     names = [n for n in names if n not in skipped]
     extra: dict[str, dict] = {}
     _prepare_llama_cpp(names, path, extra, skipped)

@@ -10,8 +10,33 @@ ExpertWeights = dict[str, torch.Tensor]
 
 
 class ResidentExperts:
-    def __init__(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
+    """`stack`: keep each MoE layer's experts as one tensor per weight ([E, ...]; each expert's dict holds
+    views of it, so no memory is added), for `moe_on_device`: routing that never leaves the device, which a
+    CUDA graph can capture. Only layers whose experts are all plain tensors of one shape are stacked."""
+
+    def __init__(self, experts: dict[tuple[int, int], ExpertWeights], stack: bool = False) -> None:
         self.experts = experts
+        self.stacks: dict[int, dict[str, torch.Tensor]] = {}
+        if stack:
+            for layer in sorted({layer for layer, _ in experts}):
+                self._stack(layer)
+
+    def _stack(self, layer: int) -> None:
+        ids = sorted(e for (l, e) in self.experts if l == layer)
+        rows = [self.experts[layer, e] for e in ids]
+        if ids != list(range(len(ids))) or not all(
+                isinstance(t, torch.Tensor) and t.shape == rows[0][name].shape and t.dtype == rows[0][name].dtype
+                for w in rows for name, t in w.items()) or any(w.keys() != rows[0].keys() for w in rows):
+            return
+        stacks = {}
+        for name in list(rows[0]):  # one weight at a time: the peak is one layer's weight twice
+            stacks[name] = torch.stack([w.pop(name) for w in rows])
+            for e, w in zip(ids, rows):
+                w[name] = stacks[name][e]
+        self.stacks[layer] = stacks
+
+    def stacked(self, layer: int) -> dict[str, torch.Tensor] | None:
+        return self.stacks.get(layer)
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..spec import AttentionSpec, ExpertSpec, LinearAttentionSpec, ModelSpec
 from .attention import Step, attention, fuse_qkv
+from .decode_graphs import DecodeGraphs
 from .hooks import DecoderHook
 from .kv_cache import KVCache
 from .linear import linear
@@ -48,26 +49,54 @@ class Decoder:
         self.rotary = {layer.attention.rope: RotaryTable(layer.attention.rope, device) for layer in spec.layers
                        if isinstance(layer.attention, AttentionSpec)}
         self.threads = threads_for(weights.values(), device)
+        self.graphs = DecodeGraphs(self) if device.type == "cuda" else None  # None: decode eagerly
+
+    def decode_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for one generation: the graph runner's own when its steps can be replayed (`release` it
+        after), else a new one."""
+        return (self.graphs.lease(batch, max_len) if self.graphs else None) or self.new_cache(batch, max_len)
+
+    def release(self, cache: KVCache) -> None:
+        if self.graphs:
+            self.graphs.release(cache)
+
+    def next_logits(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] after T new tokens per row: a one-token step on the graph runner's cache is replayed."""
+        if tokens.shape[1] == 1 and self.graphs and self.graphs.owns(cache):
+            return self.graphs.logits(tokens, cache, positions, valid)
+        return self.logits(self.hidden_states(tokens, cache, positions, valid)[:, -1])
 
     def new_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
         return KVCache([layer.attention for layer in self.spec.layers], batch, max_len, self.dtype, self.device,
                        slack)
 
+    def step(self, cache: KVCache, index: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> Step:
+        """Where a pass's tokens go (`index` [T]: their sequence indices, from cache.length) and their rotary."""
+        return Step(cache.length, index, valid,
+                    {rope: table.cos_sin(positions, self.dtype) for rope, table in self.rotary.items()})
+
     @with_threads
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                       valid: torch.Tensor) -> torch.Tensor:
         """Run T new tokens per row through every layer, extending `cache`; returns the final-norm states."""
+        T = input_ids.shape[1]
+        index = torch.arange(cache.length, cache.length + T, device=self.device)
+        h = self.run_layers(input_ids, cache, self.step(cache, index, positions, valid))
+        cache.length += T
+        return h
+
+    def run_layers(self, input_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        """The layers of one pass, writing `step`'s entries of `cache` (cache.length is the caller's to move)."""
         spec, hooks = self.spec, self.hooks
         T = input_ids.shape[1]
-        step = Step(cache.length, torch.arange(cache.length, cache.length + T, device=self.device), valid,
-                    {rope: table.cos_sin(positions, self.dtype) for rope, table in self.rotary.items()})
         h = F.embedding(input_ids, self.embed)
         for hook in hooks:
             hook.start(T)
         for i, (layer, w) in enumerate(zip(spec.layers, self.layers)):
             a, x = layer.attention, rms_norm(h, w["input_norm"], spec.rms_norm_eps)
             if isinstance(a, LinearAttentionSpec):
-                h = h + gated_deltanet(x, w["attn"], a, spec.rms_norm_eps, valid, cache.layers[i])
+                h = h + gated_deltanet(x, w["attn"], a, spec.rms_norm_eps, step.valid, cache.layers[i])
             else:
                 h = h + attention(x, w["attn"], a, spec.rms_norm_eps, step, cache.layers[i])
             x = rms_norm(h, w["post_attn_norm"], spec.rms_norm_eps)
@@ -80,7 +109,6 @@ class Decoder:
                 h = h + (out + shared_expert(x, w, layer) if layer.shared_expert_size else out)
             for hook in hooks:
                 hook.layer_done(i, h, x, cache)
-        cache.length += T
         return rms_norm(h, self.norm, spec.rms_norm_eps)
 
     @with_threads

@@ -24,20 +24,55 @@ class KeysView:
     valid: torch.Tensor  # [B, S] False for padding
 
 
+def bucket(length: int) -> int:
+    """Keys a step on a GPU attends over: `length` rounded up to a power of two (at least CHUNK), the extra
+    entries masked. The shapes of a decode step then change only when the sequence crosses a power of two,
+    so one captured CUDA graph serves every step of a bucket, and a step's result depends only on the
+    sequence length, never on how the storage was allocated (grown, preallocated, reused) or its capacity."""
+    return max(CHUNK, 1 << (length - 1).bit_length())
+
+
 class LayerCache:
     """`slack` extra ring entries let speculative decoding write tokens it may take back (truncate) without
-    overwriting keys still inside the window."""
+    overwriting keys still inside the window.
+
+    Storage is sequence-major ([S, B, heads, dim]; `k`/`v` are [B, heads, S, dim] views of it), so a view of
+    the first n entries has the same strides whatever the storage's size: a step reads the same tensors,
+    and rounds alike, on a grown, a preallocated or a reused storage. `bucketed` (the default on a GPU):
+    full-attention steps attend over `bucket(length)` entries and write by index tensor, never by a Python
+    slice, so a decode step can be captured in a CUDA graph and replayed at every position of its bucket."""
 
     def __init__(self, attn: AttentionSpec, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str, slack: int = 0) -> None:
+                 device: torch.device | str, slack: int = 0, bucketed: bool | None = None,
+                 preallocate: bool = False) -> None:
         self.window = attn.window
         self.capacity = min(max_len, attn.window + slack) if attn.window else max_len  # entries it may hold
-        size = min(self.capacity, CHUNK)
+        self.bucketed = torch.device(device).type == "cuda" if bucketed is None else bucketed
+        # entries the storage may grow to: a whole bucket past the capacity when bucketed
+        self.storage_limit = bucket(self.capacity) if self.bucketed and not attn.window else self.capacity
+        # a bucketed ring is whole from the start: a step then reads the same keys however the cache was made
+        whole = preallocate or (self.bucketed and attn.window)
+        size = self.storage_limit if whole else min(self.storage_limit, CHUNK)
         heads, k_dim, v_dim = attn.cache_dims()  # MLA: k holds the latent, v the rotary key
-        self.k = torch.zeros(batch, heads, size, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, heads, size, v_dim, dtype=dtype, device=device)
+        self.keys = torch.zeros(size, batch, heads, k_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(size, batch, heads, v_dim, dtype=dtype, device=device)
         self.index = torch.full((size,), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.keys.permute(1, 2, 0, 3)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.values.permute(1, 2, 0, 3)
+
+    def reset(self) -> None:
+        """Empty again, keeping the storage (a reused cache: its addresses stay those a graph captured)."""
+        self.index.fill_(-1)
+        self.valid.fill_(False)
+        self.keys.zero_()  # masked entries meet the softmax's zeros: stale values must be finite
+        self.values.zero_()
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int, index: torch.Tensor,
                valid: torch.Tensor) -> KeysView:
@@ -48,9 +83,10 @@ class LayerCache:
             if end > self.capacity:
                 raise ValueError(f"sequence of {end} tokens exceeds the KV cache of {self.capacity}; "
                                  "allocate the cache for prompt + max_new_tokens")
-            self._grow(end)
-            self._write(slice(start, end), k, v, index, valid)
-            return KeysView(self.k[:, :, :end], self.v[:, :, :end], self.index[:end], self.valid[:, :end])
+            n = bucket(end) if self.bucketed else end
+            self._grow(n)
+            self._write(index if self.bucketed else slice(start, end), k, v, index, valid)
+            return KeysView(self.k[:, :, :n], self.v[:, :, :n], self.index[:n], self.valid[:, :n])
         # Ring: new queries need up to window-1 older keys, so attend over ring + new, then keep the newest.
         view = KeysView(torch.cat((self.k, k), 2), torch.cat((self.v, v), 2),
                         torch.cat((self.index, index)), torch.cat((self.valid, valid), 1))
@@ -61,18 +97,18 @@ class LayerCache:
         return view
 
     def _grow(self, needed: int) -> None:
-        """Room for `needed` entries: at least double the storage (amortised copies), at most `capacity`."""
+        """Room for `needed` entries: at least double the storage (amortised copies), at most `storage_limit`."""
         size = self.index.numel()
         if needed <= size:
             return
-        new = min(self.capacity, max(needed, 2 * size))
+        new = min(self.storage_limit, max(needed, 2 * size))
 
         def grown(t: torch.Tensor, dim: int, fill) -> torch.Tensor:
             shape = list(t.shape)
             shape[dim] = new - size
             return torch.cat((t, torch.full(shape, fill, dtype=t.dtype, device=t.device)), dim)
 
-        self.k, self.v = grown(self.k, 2, 0), grown(self.v, 2, 0)
+        self.keys, self.values = grown(self.keys, 0, 0), grown(self.values, 0, 0)
         self.index, self.valid = grown(self.index, 0, -1), grown(self.valid, 1, False)
 
     def truncate(self, length: int) -> None:
@@ -82,10 +118,13 @@ class LayerCache:
         self.valid[:, gone] = False
 
     def _write(self, slots, k, v, index, valid) -> None:
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
+        self.keys[slots] = k.permute(2, 0, 1, 3)
+        self.values[slots] = v.permute(2, 0, 1, 3)
         self.index[slots] = index
         self.valid[:, slots] = valid
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
 
 
 class LinearState:
@@ -139,11 +178,21 @@ class KVCache:
     the next token. `slack`: the most tokens a roll-back may take back (speculative verify steps)."""
 
     def __init__(self, attention_specs: list[AttentionSpec | LinearAttentionSpec], batch: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, slack: int = 0) -> None:
+                 dtype: torch.dtype, device: torch.device | str, slack: int = 0, preallocate: bool = False,
+                 bucketed: bool | None = None) -> None:
         self.layers = [LinearState(a, batch, dtype, device, slack) if isinstance(a, LinearAttentionSpec)
-                       else LayerCache(a, batch, max_len, dtype, device, slack) for a in attention_specs]
+                       else LayerCache(a, batch, max_len, dtype, device, slack, bucketed, preallocate)
+                       for a in attention_specs]
+        self.batch, self.capacity = batch, max_len
         self.length = 0
         self.router_inputs: dict[int, torch.Tensor] = {}  # MoE layer -> [B, H]; a roll-back leaves it: a hint
+
+    def reset(self) -> None:
+        """Empty again, keeping every layer's storage (attention layers only: see `LayerCache.reset`)."""
+        for layer in self.layers:
+            layer.reset()
+        self.length = 0
+        self.router_inputs.clear()
 
     def truncate(self, length: int) -> None:
         """Roll back to the first `length` tokens (rejected speculative tokens)."""
@@ -154,4 +203,4 @@ class KVCache:
         self.length = length
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() if isinstance(c, LinearState) else c.k.nbytes + c.v.nbytes for c in self.layers)
+        return sum(c.nbytes() for c in self.layers)

@@ -79,21 +79,51 @@ def shared_expert(x: torch.Tensor, w: dict, layer: LayerSpec) -> torch.Tensor:
 def grouped_expert_mlp(x: torch.Tensor, per_row: list[dict[str, torch.Tensor]], e: ExpertSpec,
                        rows: int = 0) -> torch.Tensor:
     """Row i of x [P, H] through expert per_row[i], all rows in one batched matmul per projection: a decode
-    step's few (token, expert) pairs cost a handful of ops instead of a handful per expert. The batch is
-    padded to `rows` (at least 2): the libraries pick their kernel, and with it the rounding, by the batch
-    size (cuBLAS, and CPU torch for a batch of one), so a fixed size keeps each row's result the same
-    whatever else shares its batch."""
-    n, pad = len(per_row), max(rows, 2) - len(per_row)
+    step's few (token, expert) pairs cost a handful of ops instead of a handful per expert."""
+    return _grouped(x, {name: torch.stack([w[name] for w in per_row]) for name in per_row[0]}, e, rows)
+
+
+def _grouped(x: torch.Tensor, stacked: dict[str, torch.Tensor], e: ExpertSpec, rows: int) -> torch.Tensor:
+    """Row i of x [P, H] through the expert whose weights are stacked[name][i]. The batch is padded to `rows`
+    (at least 2): the libraries pick their kernel, and with it the rounding, by the batch size (cuBLAS, and
+    CPU torch for a batch of one), so a fixed size keeps each row's result the same whatever else shares its
+    batch, and whichever way the weights were stacked (by expert id on the device, or copied from slots)."""
+    n = x.shape[0]
+    pad = max(rows, 2) - n
     if pad > 0:
         x = torch.cat([x, x[:1].expand(pad, -1)])
-        per_row = per_row + per_row[:1] * pad
+        stacked = {name: torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for name, t in stacked.items()}
 
     def project(name: str, v: torch.Tensor) -> torch.Tensor:
-        out = torch.bmm(torch.stack([w[name] for w in per_row]), v[:, :, None])[..., 0]
+        out = torch.bmm(stacked[name], v[:, :, None])[..., 0]
         bias = f"{name}_bias"
-        return out + torch.stack([w[bias] for w in per_row]) if bias in per_row[0] else out
+        return out + stacked[bias] if bias in stacked else out
 
     return project("down", _activate(project("gate", x), project("up", x), e))[:n]
+
+
+def device_stacks(provider: ExpertProvider, layer: int, pairs: int,
+                  device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The layer's experts stacked on `device` ([E, ...] per weight) when the provider keeps them so and
+    `pairs` (token, expert) pairs are few enough to group (the limit `_run_batch` applies); else None."""
+    stacks = provider.stacked(layer) if hasattr(provider, "stacked") else None
+    if stacks is None or pairs * sum(t[0].nbytes for t in stacks.values()) > GROUPED_MAX_BYTES.get(device.type, 0):
+        return None
+    return stacks
+
+
+def moe_on_device(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacks: dict[str, torch.Tensor],
+                  e: ExpertSpec) -> torch.Tensor:
+    """`moe` for experts stacked per layer on the compute device ([E, ...] per weight): each (token, expert)
+    pair's weights gathered by id, with no host sync, so a decode step can be captured in a CUDA graph. Every
+    pair is computed as `_run_batch`'s grouped product computes it, so the output is `moe`'s bit for bit."""
+    flat = x.reshape(-1, x.shape[-1])
+    pairs = ids.numel()
+    chosen = ids.flatten()
+    rows = flat.repeat_interleave(ids.shape[1], dim=0)  # pair p belongs to token p // k
+    out = _grouped(rows, {name: t[chosen] for name, t in stacks.items()}, e, pairs)
+    out = (out.view(*ids.shape, -1) * weights[..., None]).sum(1)
+    return out.to(flat.dtype).view_as(x)
 
 
 class HostBatch(list):
@@ -139,7 +169,12 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     """x [B, T, H] routed by (weights, ids) [N, k] -> [B, T, H]. Each hit expert runs once on its tokens;
     outputs are gathered by expert id, not in the order the provider yields them, and each token sums its
     k weighted outputs in one reduction, so the result does not depend on where experts live.
-    `predictions`: (later layer, expert scores [E]). The weighting and the sum are one op each per layer."""
+    `predictions`: (later layer, expert scores [E]). The weighting and the sum are one op each per layer.
+    A provider whose layer is stacked on the device (`stacked`) and small enough to group takes
+    `moe_on_device`: the same products, without the host sync."""
+    stacks = None if predictions else device_stacks(provider, layer, ids.numel(), x.device)
+    if stacks is not None:
+        return moe_on_device(x, weights, ids, stacks, e)
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
     rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])

@@ -1,0 +1,129 @@
+"""The one-token decode step captured as a CUDA graph and replayed (as gpt-fast, vLLM and llama.cpp do): a
+step then costs one launch instead of a few hundred kernel launches and the Python between them.
+
+A graph replays fixed addresses, so the runner owns what a step reads and writes: static input buffers (token
+ids, positions, validity, the write index) and one KV cache per batch size, preallocated and reused across
+calls. A step attends over a power-of-two bucket of keys (kv_cache.bucket), so one graph serves every position
+of its bucket. Eager and replayed steps run the same ops on tensors of the same shapes and strides, so their
+outputs are equal bit for bit (tests/test_cuda.py); `StaticStep` is the part a graph captures, and it runs
+eagerly on any device (tests/test_decode_graphs.py checks it on the CPU against the plain decode).
+
+Used only where a step has no host sync: attention layers (not MLA or Gated DeltaNet yet), no decoder hooks
+(prefetch prediction, routing traces), and every MoE layer's experts stacked on the device
+(ResidentExperts(stack=True) -> moe_on_device). Offloaded and quantized experts decode eagerly.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..spec import AttentionSpec, ModelSpec
+from .kv_cache import KVCache, bucket
+from .moe import device_stacks
+
+
+def unsupported(spec: ModelSpec, decoder) -> str | None:
+    """Why this decoder's step cannot be captured, or None."""
+    if any(not isinstance(layer.attention, AttentionSpec) or layer.attention.mla for layer in spec.layers):
+        return "MLA and Gated DeltaNet layers are not captured yet"
+    if decoder.hooks:
+        return "decoder hooks (prefetch prediction, routing traces) run Python at every layer"
+    return None
+
+
+class StaticStep:
+    """A decode step of one token per row over static buffers: `load` copies a step's inputs in, `run`
+    computes its logits, reading only the buffers and the cache (whose `length` the caller moves after)."""
+
+    def __init__(self, decoder, batch: int) -> None:
+        dev = decoder.device
+        self.decoder = decoder
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.valid = torch.ones(batch, 1, dtype=torch.bool, device=dev)
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def load(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.ids.copy_(tokens)
+        self.positions.copy_(positions)
+        self.valid.copy_(valid)
+        self.index.fill_(cache.length)
+
+    def run(self, cache: KVCache) -> torch.Tensor:
+        d = self.decoder
+        hidden = d.run_layers(self.ids, cache, d.step(cache, self.index, self.positions, self.valid))
+        return d.logits(hidden[:, -1])
+
+
+class DecodeGraphs:
+    """One graph per (batch size, key bucket), sharing one memory pool; the KV cache per batch size is
+    leased to one generation at a time (a second, concurrent one decodes eagerly on a cache of its own)."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StaticStep, torch.Tensor]] = {}
+        self.caches: dict[int, KVCache] = {}
+        self.leased: set[int] = set()
+        self.pool = None
+        self.captured = 0  # graphs captured so far (stats)
+
+    def unavailable(self, batch: int) -> str | None:
+        d = self.decoder
+        reason = unsupported(d.spec, d)
+        if reason is None and any(layer.mlp != "dense" and device_stacks(d.experts, i, batch * d.spec.router.top_k,
+                                                                         d.device) is None
+                                  for i, layer in enumerate(d.spec.layers)):
+            reason = "the experts are not all stacked on the device (offloaded, quantized or too large to group)"
+        return reason
+
+    def lease(self, batch: int, max_len: int) -> KVCache | None:
+        """The runner's cache for `batch` rows, emptied, or None (graphs unusable, or the cache is in use)."""
+        if batch in self.leased or self.unavailable(batch):
+            return None
+        cache = self.caches.get(batch)
+        if cache is None or cache.capacity < max_len:
+            self.graphs = {key: g for key, g in self.graphs.items() if key[0] != batch}  # they hold the old storage
+            self.caches[batch] = None  # free the old storage before allocating the new
+            d = self.decoder
+            cache = self.caches[batch] = KVCache([layer.attention for layer in d.spec.layers], batch, max_len,
+                                                 d.dtype, d.device, preallocate=True)
+        else:
+            cache.reset()
+        self.leased.add(batch)
+        return cache
+
+    def release(self, cache: KVCache) -> None:
+        if self.owns(cache):
+            self.leased.discard(cache.batch)
+
+    def owns(self, cache: KVCache) -> bool:
+        return self.caches.get(cache.batch) is cache
+
+    def logits(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+               valid: torch.Tensor) -> torch.Tensor:
+        """The next-token logits [B, V] of a one-token step on the runner's own cache, by graph replay."""
+        key = (tokens.shape[0], bucket(cache.length + 1))
+        if key not in self.graphs:
+            step = StaticStep(self.decoder, tokens.shape[0])
+            step.load(tokens, cache, positions, valid)
+            self.graphs[key] = self._capture(step, cache)
+        graph, step, out = self.graphs[key]
+        step.load(tokens, cache, positions, valid)
+        graph.replay()
+        cache.length += 1
+        return out.clone()  # the next replay overwrites `out`
+
+    def _capture(self, step: StaticStep, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, StaticStep, torch.Tensor]:
+        """Capture the step, its inputs loaded. The warm-up (on a side stream, as torch requires: cuBLAS
+        workspaces, Triton autotuning) writes this position's keys, which the replay then rewrites alike."""
+        side, main = torch.cuda.Stream(self.decoder.device), torch.cuda.current_stream(self.decoder.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step.run(cache)
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step.run(cache)
+        self.pool = graph.pool()
+        self.captured += 1
+        return graph, step, out
