@@ -212,4 +212,7 @@ class MoEModel:
 
     def stats(self) -> dict:
         with self._lock:
-            return self.decoder.experts.stats() | {"speculative": self.spec_stats.summary()}
+            graphs = self.decoder.graphs
+            return self.decoder.experts.stats() | {"speculative": self.spec_stats.summary(), "cuda_graphs": {
+                "captured": graphs.captured if graphs else 0,
+                "off": "not on a GPU, or load(cuda_graphs=False)" if graphs is None else graphs.unavailable(1)}}

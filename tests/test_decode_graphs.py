@@ -126,3 +126,27 @@ def test_graphs_say_why_they_cannot_run(tmp_path):
 
 def test_bucket():
     assert [bucket(n) for n in (1, 256, 257, 600, 4096, 4097)] == [256, 256, 512, 1024, 4096, 8192]
+
+
+def test_a_failed_capture_falls_back_to_eager(tmp_path, grouped_on_cpu, monkeypatch):
+    """If a GPU's torch cannot capture the step, the generation goes on eagerly (same tokens, on the runner's
+    own leased cache), says so once, and later generations do not try again."""
+    save_tiny("olmoe", tmp_path)
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = offload.load(tmp_path, device="cpu").generate(prompt, max_new_tokens=12, eos_token_ids=[])
+    model = offload.load(tmp_path, device="cpu")
+    d = model.decoder
+    d.experts = ResidentExperts(dict(d.experts.experts), stack=True)
+    d.graphs = DecodeGraphs(d)
+
+    def refuse(self, step, cache):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", refuse)
+    with pytest.warns(UserWarning, match="CUDA graphs are off .* not permitted"):
+        got = model.generate(prompt, max_new_tokens=12, eos_token_ids=[])
+    assert torch.equal(got, expected)
+    assert d.graphs.leased == set() and d.graphs.caches[1] is not None  # the runner's cache was used, and returned
+    assert "capturing the decode step failed" in model.stats()["cuda_graphs"]["off"]
+    assert d.graphs.lease(1, 20) is None
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, eos_token_ids=[]), expected)

@@ -14,6 +14,8 @@ Used only where a step has no host sync: attention layers (not MLA or Gated Delt
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..spec import AttentionSpec, ModelSpec
@@ -65,10 +67,11 @@ class DecodeGraphs:
         self.leased: set[int] = set()
         self.pool = None
         self.captured = 0  # graphs captured so far (stats)
+        self.failed: str | None = None  # why a capture failed: graphs are then off for this decoder
 
     def unavailable(self, batch: int) -> str | None:
         d = self.decoder
-        reason = unsupported(d.spec, d)
+        reason = self.failed or unsupported(d.spec, d)
         if reason is None and any(layer.mlp != "dense" and device_stacks(d.experts, i, batch * d.spec.router.top_k,
                                                                          d.device) is None
                                   for i, layer in enumerate(d.spec.layers)):
@@ -99,13 +102,19 @@ class DecodeGraphs:
         return self.caches.get(cache.batch) is cache
 
     def logits(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
-        """The next-token logits [B, V] of a one-token step on the runner's own cache, by graph replay."""
+               valid: torch.Tensor) -> torch.Tensor | None:
+        """The next-token logits [B, V] of a one-token step on the runner's own cache, by graph replay; None
+        when the step cannot be captured (graphs are then off for this decoder, with a warning saying why)."""
         key = (tokens.shape[0], bucket(cache.length + 1))
         if key not in self.graphs:
             step = StaticStep(self.decoder, tokens.shape[0])
             step.load(tokens, cache, positions, valid)
-            self.graphs[key] = self._capture(step, cache)
+            try:
+                self.graphs[key] = self._capture(step, cache)
+            except RuntimeError as e:  # the eager step that follows rewrites the warm-up's keys alike
+                self.failed = f"capturing the decode step failed ({e})"
+                warnings.warn(f"CUDA graphs are off for this model: {self.failed}; decoding eagerly", stacklevel=3)
+                return None
         graph, step, out = self.graphs[key]
         step.load(tokens, cache, positions, valid)
         graph.replay()

@@ -63,8 +63,10 @@ class Decoder:
     def next_logits(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                     valid: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after T new tokens per row: a one-token step on the graph runner's cache is replayed."""
-        if tokens.shape[1] == 1 and self.graphs and self.graphs.owns(cache):
-            return self.graphs.logits(tokens, cache, positions, valid)
+        if tokens.shape[1] == 1 and self.graphs and self.graphs.owns(cache) and not self.graphs.failed:
+            logits = self.graphs.logits(tokens, cache, positions, valid)
+            if logits is not None:
+                return logits
         return self.logits(self.hidden_states(tokens, cache, positions, valid)[:, -1])
 
     def new_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
