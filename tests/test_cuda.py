@@ -85,7 +85,12 @@ def test_quantized_triton_offloaded_equals_resident(prompts):
     """a4e2 on the GPU runs the Triton kernels, resident and from slots; the tokens must agree."""
     resident = offload.load("demo", device=CUDA, quant="a4e2")
     model = offload.load("demo", device=CUDA, quant="a4e2", cache_experts=4, prefetch=1)
-    assert _greedy(model, prompts) == _greedy(resident, prompts)
+    # logits first: a difference there says where (it failed on an H200 at bf4f5c3, cause not yet seen)
+    shortest = min(p.shape[1] for p in prompts)
+    ids = torch.cat([p[:, :shortest] for p in prompts]).to(CUDA)
+    torch.testing.assert_close(model.forward(ids), resident.forward(ids), rtol=0, atol=0)
+    for p, got, want in zip(prompts, _greedy(model, prompts), _greedy(resident, prompts)):
+        assert got == want, f"prompt of {p.shape[1]} tokens: offloaded {got[0][p.shape[1]:]} != resident {want[0][p.shape[1]:]}"
     assert model.stats()["misses"] > 0
 
 
