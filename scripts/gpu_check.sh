@@ -2,17 +2,18 @@
 # Everything that needs a CUDA GPU, in one go: the CUDA tests, the Triton kernel tests compiled for the real
 # GPU (not the interpreter), and the GPU benchmarks. Usage: scripts/gpu_check.sh [OUTDIR] [SECTION...]
 # Sections: tests kernels speculative e2e split (default: all). Logs and JSON go to OUTDIR (default gpu-results).
+# On a machine without network whose image lacks some dependencies: scripts/gpu_wheels.sh here first.
 set -uo pipefail
 out=${1:-gpu-results}; shift || true
 sections=${*:-tests kernels speculative e2e split}
 mkdir -p "$out"
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # tests/conftest.py would otherwise pick the interpreter
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 rc=0
 for s in $sections; do
   echo "=== $s"
   case $s in
-    tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels_triton.py \
+    tests) python -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py tests/test_kernels_triton.py \
              tests/test_moe_dispatch.py tests/test_predictor.py tests/test_speculative.py tests/test_split.py ;;
     kernels) offload-bench gpu-kernels --json "$out/gpu-kernels.json" ;;
     speculative) offload-bench speculative --device cuda --prompts 10 --runs 3 --json "$out/speculative.json" ;;
