@@ -128,25 +128,70 @@ def test_bucket():
     assert [bucket(n) for n in (1, 256, 257, 600, 4096, 4097)] == [256, 256, 512, 1024, 4096, 8192]
 
 
-def test_a_failed_capture_falls_back_to_eager(tmp_path, grouped_on_cpu, monkeypatch):
-    """If a GPU's torch cannot capture the step, the generation goes on eagerly (same tokens, on the runner's
-    own leased cache), says so once, and later generations do not try again."""
-    save_tiny("olmoe", tmp_path)
-    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
-    expected = offload.load(tmp_path, device="cpu").generate(prompt, max_new_tokens=12, eos_token_ids=[])
-    model = offload.load(tmp_path, device="cpu")
+class Rerun:
+    """torch.cuda.CUDAGraph's contract on the CPU: `replay` redoes the captured step's work into the same
+    output tensor, reading whatever the static buffers and the cache hold at that moment."""
+
+    def __init__(self, step: StaticStep, cache: KVCache, broken: bool = False) -> None:
+        self.step, self.cache, self.broken = step, cache, broken
+        self.out = step.run(cache)
+
+    def replay(self) -> None:
+        self.out.copy_(self.step.run(self.cache) * (0 if self.broken else 1))
+
+
+def _save(directory):
+    save_tiny("olmoe", directory)
+    return directory
+
+
+def _graphed(directory, monkeypatch, broken: bool = False, fail: bool = False):
+    """A tiny OLMoE whose decoder replays Rerun graphs (or fails to capture)."""
+    model = offload.load(directory, device="cpu")
     d = model.decoder
     d.experts = ResidentExperts(dict(d.experts.experts), stack=True)
     d.graphs = DecodeGraphs(d)
 
-    def refuse(self, step, cache):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def capture(self, step, cache):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graph = Rerun(step, cache, broken)
+        self.captured += 1
+        return graph, step, graph.out
 
-    monkeypatch.setattr(DecodeGraphs, "_capture", refuse)
-    with pytest.warns(UserWarning, match="CUDA graphs are off .* not permitted"):
-        got = model.generate(prompt, max_new_tokens=12, eos_token_ids=[])
-    assert torch.equal(got, expected)
-    assert d.graphs.leased == set() and d.graphs.caches[1] is not None  # the runner's cache was used, and returned
-    assert "capturing the decode step failed" in model.stats()["cuda_graphs"]["off"]
-    assert d.graphs.lease(1, 20) is None
-    assert torch.equal(model.generate(prompt, max_new_tokens=12, eos_token_ids=[]), expected)
+    monkeypatch.setattr(DecodeGraphs, "_capture", capture)
+    return model
+
+
+def test_runner_replays_per_bucket_and_reuses_its_cache(tmp_path, grouped_on_cpu, monkeypatch):
+    """The runner's bookkeeping with graphs that replay as CUDA graphs do: one graph per key bucket, the same
+    tokens as eager decoding, and a second generation on the reused cache captures nothing new."""
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = offload.load(_save(tmp_path), device="cpu").generate(prompt, max_new_tokens=24, eos_token_ids=[])
+    model = _graphed(tmp_path, monkeypatch)
+    assert torch.equal(model.generate(prompt, max_new_tokens=24, eos_token_ids=[]), expected)
+    graphs = model.decoder.graphs
+    assert sorted(graphs.graphs) == [(1, 8), (1, 16), (1, 32)] and graphs.captured == 3  # positions 6..29
+    cache = graphs.caches[1]
+    assert torch.equal(model.generate(prompt, max_new_tokens=24, eos_token_ids=[]), expected)
+    assert graphs.captured == 3 and graphs.caches[1] is cache and graphs.leased == set()
+    assert model.stats()["cuda_graphs"] == {"captured": 3, "off": None}
+
+
+@pytest.mark.parametrize("fault", ["capture fails", "replay differs"])
+def test_a_bad_graph_falls_back_to_eager(fault, tmp_path, grouped_on_cpu):
+    """A capture that raises, or a replay that gives other numbers than the eager step, turns graphs off for
+    the model with a warning; the generation goes on eagerly with the right tokens, later ones too."""
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = offload.load(_save(tmp_path), device="cpu").generate(prompt, max_new_tokens=12, eos_token_ids=[])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        model = _graphed(tmp_path, monkeypatch, broken=fault == "replay differs", fail=fault == "capture fails")
+        why = "not permitted" if fault == "capture fails" else "differed from the eager step"
+        with pytest.warns(UserWarning, match=f"CUDA graphs are off .*{why}"):
+            got = model.generate(prompt, max_new_tokens=12, eos_token_ids=[])
+        assert torch.equal(got, expected)
+        graphs = model.decoder.graphs
+        assert graphs.leased == set() and graphs.caches[1] is not None and not graphs.graphs
+        assert why in model.stats()["cuda_graphs"]["off"]
+        assert graphs.lease(1, 20) is None
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, eos_token_ids=[]), expected)

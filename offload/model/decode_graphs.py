@@ -107,19 +107,35 @@ class DecodeGraphs:
         when the step cannot be captured (graphs are then off for this decoder, with a warning saying why)."""
         key = (tokens.shape[0], bucket(cache.length + 1))
         if key not in self.graphs:
-            step = StaticStep(self.decoder, tokens.shape[0])
-            step.load(tokens, cache, positions, valid)
-            try:
-                self.graphs[key] = self._capture(step, cache)
-            except RuntimeError as e:  # the eager step that follows rewrites the warm-up's keys alike
-                self.failed = f"capturing the decode step failed ({e})"
-                warnings.warn(f"CUDA graphs are off for this model: {self.failed}; decoding eagerly", stacklevel=3)
-                return None
+            return self._first(key, tokens, cache, positions, valid)
         graph, step, out = self.graphs[key]
         step.load(tokens, cache, positions, valid)
         graph.replay()
         cache.length += 1
         return out.clone()  # the next replay overwrites `out`
+
+    def _first(self, key: tuple[int, int], tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+               valid: torch.Tensor) -> torch.Tensor | None:
+        """Capture a bucket's graph, replay it once and check the replay against the eager step on the same
+        inputs (which rewrites the same keys): a graph that fails to capture or replays other numbers turns
+        graphs off for this decoder, with a warning, instead of decoding wrongly."""
+        step = StaticStep(self.decoder, tokens.shape[0])
+        step.load(tokens, cache, positions, valid)
+        try:
+            graph, step, out = self._capture(step, cache)
+        except RuntimeError as e:  # the eager step that follows rewrites the warm-up's keys alike
+            return self._off(f"capturing the decode step failed ({e})")
+        graph.replay()
+        replayed = out.clone()
+        if not torch.equal(replayed, step.run(cache)):
+            return self._off("a replayed decode step differed from the eager step")
+        self.graphs[key] = graph, step, out
+        cache.length += 1
+        return replayed
+
+    def _off(self, why: str) -> None:
+        self.failed = why
+        warnings.warn(f"CUDA graphs are off for this model: {why}; decoding eagerly", stacklevel=4)
 
     def _capture(self, step: StaticStep, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, StaticStep, torch.Tensor]:
         """Capture the step, its inputs loaded. The warm-up (on a side stream, as torch requires: cuBLAS
