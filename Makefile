@@ -50,7 +50,7 @@ test-latest:
 # no AVX-512: our AVX2 build) and SandyBridge (AVX, no AVX2: the portable path). An instruction the CPU lacks
 # kills the run with SIGILL; child Pythons run on the same emulated CPU (tests/emulation.py).
 EMULATED := Haswell:AVX2 SandyBridge:DEFAULT
-CPU_TESTS := tests/test_kernels_native.py tests/test_fused_moe.py tests/test_kernels.py tests/test_quant.py tests/test_mxfp4.py \
+CPU_TESTS := tests/test_kernels_native.py tests/test_decode_attention.py tests/test_fused_moe.py tests/test_kernels.py tests/test_quant.py tests/test_mxfp4.py \
 	tests/test_demo_runtime.py "tests/test_quantized_model.py::test_offloaded_quantized_equals_resident_quantized[olmoe-a4e2]"
 test-cpus: $(STAMP)
 	@command -v qemu-x86_64 >/dev/null || { echo "make test-cpus: qemu-x86_64 not found; install it \

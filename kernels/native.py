@@ -1,4 +1,4 @@
-"""Our CPU kernels (q_gemv.c: quantized and dense GEMV, the fused MoE layer), compiled on first use with the system C compiler, once per instruction set.
+"""Our CPU kernels (q_gemv.c: quantized and dense GEMV, the fused MoE layer, decode attention), compiled on first use with the system C compiler, once per instruction set.
 
 One small C file needs no build system: `cc -O3 -fopenmp -shared` takes about a second. It is built for
 AVX2 + FMA (8-float vectors) or AVX-512 F/BW/VL (16-float vectors: the same source with -DVEC=16), the best
@@ -123,6 +123,22 @@ class Gemv:
         return out
 
 
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor,
+                  sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Decode attention (decode_attention in q_gemv.c): q float32 [B, Hq, T, D] contiguous; k [B, Hkv, S, D]
+        and v [B, Hkv, S, Dv] of one dtype, bf16 or float32, rows contiguous; blocked uint8 [B, T, S] contiguous
+        (1: may not attend); sinks float32 [Hq] or None -> float32 [B, T, Hq, Dv]."""
+        b, hq, t, d = q.shape
+        hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+        scores = torch.empty(b, hq, t, s, dtype=torch.float32)
+        out = torch.empty(b, t, hq, dv, dtype=torch.float32)
+        self.lib.decode_attention(b, hq, hkv, t, s, d, dv, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                  k.dtype == torch.bfloat16, *k.stride()[:3], *v.stride()[:3], blocked.data_ptr(),
+                                  None if sinks is None else sinks.data_ptr(), scale, scores.data_ptr(),
+                                  out.data_ptr())
+        return out
+
+
 @lru_cache(maxsize=None)
 def build(isa: str) -> Gemv | None:
     """The `isa` build ("avx2" | "avx512"), or None (the reason logged once) when it cannot run here."""
@@ -150,6 +166,9 @@ def build(isa: str) -> Gemv | None:
     f = ctypes.c_float
     lib.moe_layer.argtypes = (i, p, p, p, i, i, i, f, f, p, i)
     lib.moe_layer.restype = i
+    n = ctypes.c_long
+    lib.decode_attention.argtypes = (i, i, i, i, i, i, i, p, p, p, i, n, n, n, n, n, n, p, p, f, p, p)
+    lib.decode_attention.restype = None
     return Gemv(isa, lib)
 
 

@@ -454,3 +454,66 @@ int moe_layer(int E, const int64_t *desc, const int *start, const float *x, int 
     free(g);
     return 0;
 }
+
+/* ---- Decode attention: a few new tokens against the KV cache, every head in one call ----
+ * out[b, t, h, :] = sum_s p[s] v[b, h / G, s, :], p = softmax over s (and the head's sink, when sinks is not
+ * NULL: it joins the normalisation, then is dropped) of scale * q[b, h, t, :] . k[b, h / G, s, :], keys with
+ * blocked[b, t, s] != 0 left out; G = Hq / Hkv query heads share a key head. q: float [B, Hq, T, D]
+ * contiguous; k, v: bf16 (kv_bf16) or float, element strides (batch, head, position), rows contiguous;
+ * scores: float scratch [B, Hq, T, S]; out: float [B, T, Hq, Dv]; a row with every key blocked and no sink
+ * (left padding) averages all S values, as torch's softmax over equal masked scores does. One thread per
+ * (b, h), each dot product in a fixed order (VEC lanes over d, a fixed lane reduction, then the tail), so the
+ * result does not depend on the thread count. Replaces ~20 torch ops a layer (two batched matmuls in the
+ * model's dtype, views, mask, softmax). */
+INLINE float kv_dot(const float *q, const void *k, int bf16, int D) {
+    vf acc = vf_zero();
+    const int dv = D - D % VEC;
+    for (int d = 0; d < dv; d += VEC)
+        acc = vf_fmadd(vf_load(q + d), bf16 ? vf_load_bf16((const uint16_t *)k + d) : vf_load((const float *)k + d),
+                       acc);
+    float s = vf_sum(acc);
+    for (int d = dv; d < D; d++) s += q[d] * weight_at(k, bf16, d);
+    return s;
+}
+
+INLINE void kv_axpy(float p, const void *v, int bf16, int Dv, float *out) {
+    const int dv = Dv - Dv % VEC;
+    const vf pv = vf_set1(p);
+    for (int d = 0; d < dv; d += VEC)
+        vf_store(out + d, vf_fmadd(pv, bf16 ? vf_load_bf16((const uint16_t *)v + d) : vf_load((const float *)v + d),
+                                   vf_load(out + d)));
+    for (int d = dv; d < Dv; d++) out[d] += p * weight_at(v, bf16, d);
+}
+
+void decode_attention(int B, int Hq, int Hkv, int T, int S, int D, int Dv, const float *q, const void *k,
+                      const void *v, int kv_bf16, long k_sb, long k_sh, long k_ss, long v_sb, long v_sh, long v_ss,
+                      const uint8_t *blocked, const float *sinks, float scale, float *scores, float *out) {
+    const int G = Hq / Hkv, size = kv_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if ((long)B * Hq * T * S * (D + Dv) >= 65536)
+    for (int bh = 0; bh < B * Hq; bh++) {
+        const int b = bh / Hq, h = bh % Hq, g = h / G;
+        const char *kb = (const char *)k + (long)(b * k_sb + g * k_sh) * size;
+        const char *vb = (const char *)v + (long)(b * v_sb + g * v_sh) * size;
+        for (int t = 0; t < T; t++) {
+            const float *qt = q + ((long)bh * T + t) * D;
+            const uint8_t *mask = blocked + ((long)b * T + t) * S;
+            float *sc = scores + ((long)bh * T + t) * S;
+            float top = sinks ? sinks[h] : -INFINITY;
+            for (int s = 0; s < S; s++) {
+                sc[s] = mask[s] ? -INFINITY : scale * kv_dot(qt, kb + (long)s * k_ss * size, kv_bf16, D);
+                if (sc[s] > top) top = sc[s];
+            }
+            float total = sinks ? expf(sinks[h] - top) : 0.0f;
+            for (int s = 0; s < S; s++) {
+                sc[s] = mask[s] ? 0.0f : expf(sc[s] - top);
+                total += sc[s];
+            }
+            float *o = out + (((long)b * T + t) * Hq + h) * Dv;
+            for (int d = 0; d < Dv; d++) o[d] = 0.0f;
+            const int uniform = total == 0.0f;
+            const float inv = uniform ? 1.0f / S : 1.0f / total;
+            for (int s = 0; s < S; s++)
+                if (uniform || !mask[s]) kv_axpy(uniform ? inv : sc[s] * inv, vb + (long)s * v_ss * size, kv_bf16, Dv, o);
+        }
+    }
+}

@@ -4,12 +4,15 @@ scaling: every variant the supported architectures use, selected by the layer's 
 A decode step is kept to few torch ops: one projection for q, k and v (`fuse_qkv`), q/k norms and rope applied
 to q and k together, grouped queries attending to their shared keys without copying them, and masks computed
 once per forward pass (`Step`) instead of once per layer. Every op is the one transformers' eager attention
-rounds at, so logits match it."""
+rounds at, so logits match it. On a CPU with our native kernels, passes of up to NATIVE_MAX_TOKENS new
+tokens attend in one call (decode_attention in q_gemv.c: fp32 throughout, where the torch ops round scores
+and probabilities to the model's dtype), instead of ~20 torch ops a layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from offload.kernels import native
 
 from ..spec import AttentionSpec, RopeSpec
 from .kv_cache import KeysView, LayerCache
@@ -17,6 +20,8 @@ from .linear import linear
 from .mla import mla_attention
 from .norm import rms_norm
 from .rope import apply_rotary
+
+NATIVE_MAX_TOKENS = 8  # new tokens a pass attends with the native kernel (decode and verify steps), per row
 
 
 @dataclass
@@ -115,6 +120,22 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps
         v = v * a.value_scale
 
     keys = cache.update(k, v, step.start, step.index, step.valid)
+    gemv = native.gemv() if x.device.type == "cpu" and T <= NATIVE_MAX_TOKENS else None
+    if gemv is not None and keys.k.dtype in (torch.bfloat16, torch.float32) and keys.k.stride(-1) == 1:
+        blocked = step.blocked(keys, a.window)
+        sinks = w["sinks"].float() if a.sinks else None
+        out = gemv.attention(q.float().contiguous(), keys.k, keys.v, blocked.contiguous().view(torch.uint8), sinks,
+                             a.head_dim ** -0.5).to(x.dtype).view(B, T, -1)
+    else:
+        out = _attend(q, keys, a, w, step)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
+    return linear(out, w["o"], w.get("o_bias"))
+
+
+def _attend(q: torch.Tensor, keys: KeysView, a: AttentionSpec, w: dict, step: Step) -> torch.Tensor:
+    """q [B, Hq, T, D] against the cache's keys in torch ops -> [B, T, Hq * Dv]."""
+    B, _, T, _ = q.shape
     groups = a.num_heads // a.num_kv_heads
     # the queries of a group share one key head: [B, Hkv, groups * T, D] against [B, Hkv, S, D], no copies of keys
     q = q.reshape(B, a.num_kv_heads, groups * T, a.head_dim)
@@ -128,7 +149,4 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], a: AttentionSpec, eps
     else:
         probs = torch.softmax(scores, dim=-1)  # computed in fp32, rounded once: as transformers' fp32 softmax
     probs = probs.to(keys.v.dtype).view(B, a.num_kv_heads, groups * T, -1)
-    out = torch.matmul(probs, keys.v).view(B, a.num_heads, T, -1).transpose(1, 2).reshape(B, T, -1)
-    if gate is not None:
-        out = out * torch.sigmoid(gate)
-    return linear(out, w["o"], w.get("o_bias"))
+    return torch.matmul(probs, keys.v).view(B, a.num_heads, T, -1).transpose(1, 2).reshape(B, T, -1)
