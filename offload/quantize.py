@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from offload.kernels import prepare
+from offload.kernels.fused_moe import ExpertWeights
 from offload.quant import Preset, QuantizedTensor, QuantSpec, get_preset
 
 from .loader import Quantizer
@@ -35,6 +36,6 @@ def quantizer(preset_name: str) -> Quantizer:
     return quantize
 
 
-def prepared(weights: dict) -> dict:
+def prepared(weights: dict) -> ExpertWeights:
     """Compute-ready forms (e.g. torch int4pack on CPU) of the quantized entries, converted once."""
-    return {k: prepare(v) if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
+    return ExpertWeights((k, prepare(v) if isinstance(v, QuantizedTensor) else v) for k, v in weights.items())

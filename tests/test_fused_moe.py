@@ -155,3 +155,20 @@ def test_linear_fp32_widens_bf16_weights(gemv):
     ref = x.double() @ w.double().t()
     y = dense.linear_fp32(x, w)
     assert y.dtype == torch.float32 and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_descriptor_is_kept_while_its_weights_are(gemv):
+    """Prepared experts keep their descriptor; replacing a weight makes a new one (never stale addresses)."""
+    from offload.quantize import prepared
+
+    weights, exact = make_expert("bf16", False, 3)
+    w = prepared(weights)
+    first = fused_moe.descriptor(w, gemv, H, F_INNER)
+    assert first is not None and fused_moe.descriptor(w, gemv, H, F_INNER) is first
+    w["up"] = w["up"].clone()
+    second = fused_moe.descriptor(w, gemv, H, F_INNER)
+    assert second is not first and w["up"].data_ptr() in second and weights["up"].data_ptr() not in second
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(0))
+    out = fused_moe.run(x, [second], [2], F_INNER, False, 1.0, 7.0, gemv)
+    torch.testing.assert_close(out.double(), reference(x.double(), exact, ExpertSpec(F_INNER)), rtol=2e-5,
+                               atol=2e-5)
