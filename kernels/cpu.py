@@ -60,6 +60,22 @@ class TileWeight:
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def stacked_rows(parts: list) -> TileWeight | None:
+    """One TileWeight computing the rows of every part in turn (q, k and v: one GEMV call for three), or None
+    unless all are TileWeights of one kind whose rows fill their tiles (all but the last: no padding rows in
+    between). Each row's tiles and (scale, offset) pairs are the part's own, so its results do not change."""
+    if not all(isinstance(p, TileWeight) for p in parts):
+        return None
+    first = parts[0]
+    if any((p.codes, p.group_size, p.gemv, p.packed.shape[1:], p.scale_zeros.shape[0]) !=
+           (first.codes, first.group_size, first.gemv, first.packed.shape[1:], first.scale_zeros.shape[0])
+           for p in parts) or any(p.out_features % 64 for p in parts[:-1]):
+        return None
+    return TileWeight(torch.cat([p.packed for p in parts]), torch.cat([p.scale_zeros for p in parts], 1),
+                      first.group_size, sum(p.out_features for p in parts[:-1]) + parts[-1].out_features,
+                      first.codes, first.gemv)
+
+
 @dataclass
 class Int4PackWeight:
     """Portable prepared form: torch's int4pack bytes for this CPU + the same (s, z') pairs, for torch's

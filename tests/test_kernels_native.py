@@ -82,6 +82,25 @@ def test_hqq_matches_reference(path, bits, group):
             assert rel(y, x.double() @ dense.t()) < 5e-3  # the tiles: the weight, up to bf16 (s, z') pairs
 
 
+@pytest.mark.parametrize("bits,group", [(4, 64), (2, 32)])
+def test_stacked_rows_compute_each_part_as_alone(path, bits, group):
+    """q, k and v stacked into one GEMV (attention's fused qkv): every part's rows bit for bit as its own call;
+    parts of another kind, or whose rows leave padding between them, are not stacked."""
+    from offload.kernels.cpu import stacked_rows
+
+    g = torch.Generator().manual_seed(bits)
+    parts = [prepare(quantize(torch.randn(n, 256, generator=g), bits, group)) for n in (128, 64, 100)]
+    fused = stacked_rows(parts)
+    if path == "portable":
+        assert fused is None
+        return
+    x = torch.randn(3, 256, generator=g)
+    assert torch.equal(fused.matmul(x), torch.cat([p.matmul(x) for p in parts], -1))
+    assert stacked_rows([parts[2], parts[0]]) is None  # 100 rows: a padded tile in the middle
+    other = prepare(quantize(torch.randn(64, 256, generator=g), 6 - bits, 64))
+    assert stacked_rows([parts[0], other]) is None
+
+
 def test_mxfp4_matches_its_dequantized_weight(path):
     """MXFP4 (gpt-oss experts): our GEMV on the e2m1 codes as they are; the portable path dequantizes."""
     qt = random_mxfp4((100, 320), seed=3)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from offload.kernels import native
+from offload.kernels.cpu import stacked_rows
 
 from ..spec import AttentionSpec, RopeSpec
 from .kv_cache import KeysView, LayerCache
@@ -52,11 +53,16 @@ class Step:
 def fuse_qkv(w: dict, a: AttentionSpec) -> dict:
     """One attention layer's weights with q, k and v concatenated into "qkv" (one matrix-vector product
     instead of three; each output row is the same dot product, so results are unchanged) when they are dense
-    tensors of one dtype and device; joint q/k norm weights ("qk_norm") when q and k are normed alike."""
+    tensors of one dtype and device, or tiles of our CPU GEMV (kernels.cpu.stacked_rows); joint q/k norm
+    weights ("qk_norm") when q and k are normed alike."""
     w = dict(w)
     parts = [w.get(n) for n in ("q", "k", "v")]
     if all(isinstance(t, torch.Tensor) for t in parts) and len({(t.dtype, t.device) for t in parts}) == 1:
-        w["qkv"] = torch.cat(parts)
+        fused = torch.cat(parts)
+    else:  # quantized for our CPU GEMV: their tiles one after the other
+        fused = stacked_rows(parts)
+    if fused is not None:
+        w["qkv"] = fused
         del w["q"], w["k"], w["v"]
         if all(f"{n}_bias" in w for n in ("q", "k", "v")):
             w["qkv_bias"] = torch.cat([w.pop(f"{n}_bias") for n in ("q", "k", "v")])
