@@ -10,6 +10,7 @@ provider yields together; the caller weights and sums them as before.
 from __future__ import annotations
 
 import itertools
+from array import array
 
 import torch
 
@@ -87,6 +88,15 @@ def _describe(w: dict, gemv: native.Gemv, hidden: int, inner: int) -> list[int] 
     if (gate[0] >= 2, gate[3]) != (up[0] >= 2, up[3]):
         return None  # gate and up share their rows' group sums
     return gate + up + down
+
+
+def table(experts: list[dict], gemv: native.Gemv, hidden: int, inner: int) -> tuple[array, int] | None:
+    """Every expert's descriptor in one buffer for moe_pairs (experts[i] = expert i), and the output stride;
+    None unless the kernel reads them all."""
+    found = [descriptor(w, gemv, hidden, inner) for w in experts]
+    if any(d is None for d in found):
+        return None
+    return array("q", [v for d in found for v in d]), max(hidden, *(d[20] for d in found))
 
 
 def run(x: torch.Tensor, descriptors: list[list[int]], counts: list[int], inner: int, clamped: bool,

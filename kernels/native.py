@@ -123,6 +123,18 @@ class Gemv:
         return out
 
 
+    def moe_pairs(self, x: torch.Tensor, ids: torch.Tensor, table: array, experts: int, inner: int, clamped: bool,
+                  alpha: float, limit: float, out_stride: int) -> torch.Tensor:
+        """Every (token, expert) pair of a routed layer (see moe_pairs in q_gemv.c): x float32 [N, H]
+        contiguous, ids int64 [N, k] contiguous, table: 24 int64 per expert for all `experts` ->
+        float32 [N * k, out_stride] in pair order."""
+        n, h = x.shape
+        out = torch.empty(ids.numel(), out_stride, dtype=torch.float32)
+        if self.lib.moe_pairs(experts, table.buffer_info()[0], ids.numel(), ids.shape[1], ids.data_ptr(),
+                              x.data_ptr(), h, inner, int(clamped), alpha, limit, out.data_ptr(), out_stride):
+            raise MemoryError("moe_pairs: no memory for its scratch buffers")
+        return out
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor,
                   sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Decode attention (decode_attention in q_gemv.c): q float32 [B, Hq, T, D] contiguous; k [B, Hkv, S, D]
@@ -166,6 +178,8 @@ def build(isa: str) -> Gemv | None:
     f = ctypes.c_float
     lib.moe_layer.argtypes = (i, p, p, p, i, i, i, f, f, p, i)
     lib.moe_layer.restype = i
+    lib.moe_pairs.argtypes = (i, p, i, i, p, p, i, i, i, f, f, p, i)
+    lib.moe_pairs.restype = i
     n = ctypes.c_long
     lib.decode_attention.argtypes = (i, i, i, i, i, i, i, p, p, p, i, n, n, n, n, n, n, p, p, f, p, p)
     lib.decode_attention.restype = None

@@ -455,6 +455,33 @@ int moe_layer(int E, const int64_t *desc, const int *start, const float *x, int 
     return 0;
 }
 
+/* Every (token, expert) pair of a routed layer in one call, for a provider that holds every expert: desc has
+ * all E experts' descriptors; pair p (token p / k) goes through expert ids[p]; x float [N, H]; out float
+ * [P, ldo] in pair order. The pairs are grouped by expert and run by moe_layer (experts with no pair are
+ * skipped there), so each pair's result is the one moe_layer gives it in any grouping. Returns 0, or -1 when
+ * scratch memory could not be allocated. */
+int moe_pairs(int E, const int64_t *desc, int P, int k, const int64_t *ids, const float *x, int H, int F, int act,
+              float alpha, float limit, float *out, int ldo) {
+    int *start = calloc(E + 1, sizeof(int)), *where = malloc(sizeof(int) * P);
+    float *xg = malloc(sizeof(float) * (long)P * H), *og = malloc(sizeof(float) * (long)P * ldo);
+    int status = -1;
+    if (start && where && xg && og) {
+        for (int p = 0; p < P; p++) start[ids[p] + 1]++;
+        for (int e = 0; e < E; e++) start[e + 1] += start[e];
+        int cursor[E]; /* each expert's next free row */
+        for (int e = 0; e < E; e++) cursor[e] = start[e];
+        for (int p = 0; p < P; p++) { /* pairs in order within an expert: its rows as a stable sort leaves them */
+            where[p] = cursor[ids[p]]++;
+            for (int h = 0; h < H; h++) xg[(long)where[p] * H + h] = x[(long)(p / k) * H + h];
+        }
+        status = moe_layer(E, desc, start, xg, H, F, act, alpha, limit, og, ldo);
+        for (int p = 0; status == 0 && p < P; p++)
+            for (int n = 0; n < ldo; n++) out[(long)p * ldo + n] = og[(long)where[p] * ldo + n];
+    }
+    free(start); free(where); free(xg); free(og);
+    return status;
+}
+
 /* ---- Decode attention: a few new tokens against the KV cache, every head in one call ----
  * out[b, t, h, :] = sum_s p[s] v[b, h / G, s, :], p = softmax over s (and the head's sink, when sinks is not
  * NULL: it joins the normalisation, then is dropped) of scale * q[b, h, t, :] . k[b, h / G, s, :], keys with

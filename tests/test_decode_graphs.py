@@ -93,7 +93,11 @@ def test_moe_on_device_equals_grouped_moe(tokens, top_k, activation, biases, gro
     weights = torch.rand(tokens, top_k, generator=g)
     provider = ResidentExperts({k: dict(w) for k, w in experts.items()}, stack=True)
     on_device = moe_on_device(x, weights, ids, provider.stacked(0), spec)
-    grouped = moe(x, 0, weights, ids, router, spec, ResidentExperts(experts), [], 0)
+    class AllAtOnce:  # the provider protocol and nothing else: moe takes the grouped path (GROUPED_MAX_BYTES)
+        def provide(self, layer, hit, w, t, prefetch):
+            yield [(e, experts[0, e]) for e in hit]
+
+    grouped = moe(x, 0, weights, ids, router, spec, AllAtOnce(), [], 0)
     assert torch.equal(on_device, grouped)
     assert torch.equal(moe(x, 0, weights, ids, router, spec, provider, [], 0), grouped)  # moe takes it itself
 

@@ -132,19 +132,22 @@ def test_dense_linear_falls_back(gemv):
                                                 ("qwen3_moe", "a4e2", {"moe_intermediate_size": 64}),
                                                 ("gpt_oss", "a4e4", {})])  # MXFP4 experts
 def test_offloaded_equals_resident_on_the_fused_path(gemv, monkeypatch, tmp_path, arch, quant, sizes):
-    """Decode steps take the fused kernel, resident and offloaded (slots and the host tier), bit for bit."""
+    """Decode steps take the fused kernel, bit for bit: resident with the routing handed to it as it is
+    (moe_pairs), offloaded in the batches the engine yields (slots and the host tier)."""
     import offload
     from hf_tiny import save_tiny
 
-    calls = []
-    real = fused_moe.run
+    calls, pair_calls = [], []
+    real, real_pairs = fused_moe.run, native.Gemv.moe_pairs
     monkeypatch.setattr(fused_moe, "run", lambda *a: calls.append(len(a[1])) or real(*a))
+    monkeypatch.setattr(native.Gemv, "moe_pairs", lambda self, *a: pair_calls.append(1) or real_pairs(self, *a))
     save_tiny(arch, tmp_path, **sizes)
     prompt = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(3))
     resident = offload.load(tmp_path, quant=quant).generate(prompt, max_new_tokens=6)
-    assert calls
+    assert pair_calls and not calls
     offloaded = offload.load(tmp_path, quant=quant, cache_experts=2, miss_policy="cpu")
     assert torch.equal(offloaded.generate(prompt, max_new_tokens=6), resident)
+    assert calls
     assert offloaded.stats()["cpu_computed"] > 0 and offloaded.stats()["hits"] > 0
 
 
@@ -172,3 +175,32 @@ def test_descriptor_is_kept_while_its_weights_are(gemv):
     out = fused_moe.run(x, [second], [2], F_INNER, False, 1.0, 7.0, gemv)
     torch.testing.assert_close(out.double(), reference(x.double(), exact, ExpertSpec(F_INNER)), rtol=2e-5,
                                atol=2e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("form", ["bf16", "hqq2"])
+def test_routed_layer_in_one_call_equals_batched_moe(gemv, tokens, form):
+    """moe() on resident experts hands the routing to moe_pairs; the same layer through a provider that yields
+    experts two at a time (as the offload engine may) takes the batched path: the outputs are equal bit for
+    bit, experts hit by several tokens, and experts hit by none, included."""
+    from offload.engine.resident import ResidentExperts
+    from offload.model.moe import moe
+    from offload.quantize import prepared
+    from offload.spec import RouterSpec
+
+    experts = {(0, e): prepared(make_expert(form, form == "hqq2", e)[0]) for e in range(6)}
+    router = RouterSpec(num_experts=6, top_k=2, scoring="softmax", renormalize=True)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(1, tokens, H, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])  # expert 5: never hit
+    weights = torch.rand(tokens, 2, generator=g)
+
+    class Batched:
+        def provide(self, layer, hit, w, t, prefetch):
+            for i in range(0, len(hit), 2):
+                yield [(e, experts[0, e]) for e in hit[i:i + 2]]
+
+    resident = ResidentExperts(experts)
+    one_call = moe(x, 0, weights, ids, router, ExpertSpec(F_INNER), resident, [], 0)
+    assert resident.native_table(0, gemv, H, F_INNER) is not None
+    assert torch.equal(one_call, moe(x, 0, weights, ids, router, ExpertSpec(F_INNER), Batched(), [], 0))

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
+from offload.kernels import fused_moe
 
 ExpertWeights = dict[str, torch.Tensor]
 
@@ -17,6 +18,7 @@ class ResidentExperts:
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights], stack: bool = False) -> None:
         self.experts = experts
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}
+        self.tables: dict[tuple, object] = {}  # native_table's, per (layer, build, sizes)
         if stack:
             for layer in sorted({layer for layer, _ in experts}):
                 self._stack(layer)
@@ -37,6 +39,16 @@ class ResidentExperts:
 
     def stacked(self, layer: int) -> dict[str, torch.Tensor] | None:
         return self.stacks.get(layer)
+
+    def native_table(self, layer: int, gemv, hidden: int, inner: int):
+        """The layer's experts as one descriptor table for the CPU kernel's moe_pairs (kernels.fused_moe.table),
+        made once per build; None when the kernel cannot read them all (or they are not 0..E-1)."""
+        key = (layer, gemv, hidden, inner)
+        if key not in self.tables:
+            ids = sorted(e for (l, e) in self.experts if l == layer)
+            self.tables[key] = fused_moe.table([self.experts[layer, e] for e in ids], gemv, hidden, inner) \
+                if ids == list(range(len(ids))) else None
+        return self.tables[key]
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
                 prefetch: list[tuple[int, list[int]]]) -> Iterator[list[tuple[int, ExpertWeights]]]:

@@ -175,6 +175,11 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     stacks = None if predictions else device_stacks(provider, layer, ids.numel(), x.device)
     if stacks is not None:
         return moe_on_device(x, weights, ids, stacks, e)
+    if x.device.type == "cpu" and ids.shape[0] <= fused_moe.MAX_TOKENS and hasattr(provider, "native_table") \
+            and (gemv := native.gemv()) is not None:
+        found = provider.native_table(layer, gemv, x.shape[-1], e.intermediate_size)
+        if found is not None:
+            return _moe_native(x, weights, ids, found, r, e, gemv)
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
     rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
@@ -202,6 +207,20 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     for where, job in on_host:
         pairs[where] = job.result().to(pairs.device, non_blocking=True)
     out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
+    return out.to(flat.dtype).view_as(x)
+
+
+def _moe_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, found: tuple, r: RouterSpec,
+                e: ExpertSpec, gemv) -> torch.Tensor:
+    """`moe` for a provider holding every expert in a form our CPU kernel reads: the routing goes to the kernel
+    as it is (moe_pairs groups the pairs itself), so a decode step's layer is one native call and a few torch
+    ops instead of ~30 and the Python between them. Each pair's output is the one `_fused_rows` gives it,
+    rounded and weighted as `moe` does: the same bits."""
+    table, stride = found
+    flat = x.reshape(-1, x.shape[-1])
+    pairs = gemv.moe_pairs(flat.float().contiguous(), ids.contiguous(), table, r.num_experts, e.intermediate_size,
+                           e.activation == "swiglu_clamp", e.alpha, e.limit, stride)[:, :flat.shape[-1]]
+    out = (pairs.to(flat.dtype).view(*ids.shape, -1) * weights[..., None]).sum(1)
     return out.to(flat.dtype).view_as(x)
 
 
