@@ -121,9 +121,7 @@ def moe_on_device(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, sta
     pairs = ids.numel()
     chosen = ids.flatten()
     rows = flat.repeat_interleave(ids.shape[1], dim=0)  # pair p belongs to token p // k
-    out = _grouped(rows, {name: t[chosen] for name, t in stacks.items()}, e, pairs)
-    out = (out.view(*ids.shape, -1) * weights[..., None]).sum(1)
-    return out.to(flat.dtype).view_as(x)
+    return _combine(_grouped(rows, {name: t[chosen] for name, t in stacks.items()}, e, pairs), weights, ids, x)
 
 
 class HostBatch(list):
@@ -206,8 +204,14 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
             pairs[where] = _run_batch(flat[where // ids.shape[1]], *args)
     for where, job in on_host:
         pairs[where] = job.result().to(pairs.device, non_blocking=True)
-    out = (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1)  # no scatter-add: deterministic on CUDA too
-    return out.to(flat.dtype).view_as(x)
+    return _combine(pairs, weights, ids, x)
+
+
+def _combine(pairs: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Pair outputs [N * k, H] (x's dtype, pair p = token p // k) -> each token's k outputs weighted and summed in
+    one reduction, in x's dtype and shape: no scatter-add, so deterministic on CUDA too, and one place for every
+    path, so their bits agree."""
+    return (pairs.view(*ids.shape, -1) * weights[..., None]).sum(1).to(x.dtype).view_as(x)
 
 
 def _moe_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, found: tuple, r: RouterSpec,
@@ -220,8 +224,7 @@ def _moe_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, found
     flat = x.reshape(-1, x.shape[-1])
     pairs = gemv.moe_pairs(flat.float().contiguous(), ids.contiguous(), table, r.num_experts, e.intermediate_size,
                            e.activation == "swiglu_clamp", e.alpha, e.limit, stride)[:, :flat.shape[-1]]
-    out = (pairs.to(flat.dtype).view(*ids.shape, -1) * weights[..., None]).sum(1)
-    return out.to(flat.dtype).view_as(x)
+    return _combine(pairs.to(flat.dtype), weights, ids, x)
 
 
 def run_on_host(threads: int, *args) -> torch.Tensor:
