@@ -23,17 +23,22 @@ class ResidentExperts:
             for layer in sorted({layer for layer, _ in experts}):
                 self._stack(layer)
 
-    def _stack(self, layer: int) -> None:
+    def _layer(self, layer: int) -> list[ExpertWeights] | None:
+        """The layer's experts in id order, or None unless their ids are 0..E-1 (both per-layer forms index
+        experts by id)."""
         ids = sorted(e for (l, e) in self.experts if l == layer)
-        rows = [self.experts[layer, e] for e in ids]
-        if ids != list(range(len(ids))) or not all(
+        return [self.experts[layer, e] for e in ids] if ids == list(range(len(ids))) else None
+
+    def _stack(self, layer: int) -> None:
+        rows = self._layer(layer)
+        if rows is None or not all(
                 isinstance(t, torch.Tensor) and t.shape == rows[0][name].shape and t.dtype == rows[0][name].dtype
                 for w in rows for name, t in w.items()) or any(w.keys() != rows[0].keys() for w in rows):
             return
         stacks = {}
         for name in list(rows[0]):  # one weight at a time: the peak is one layer's weight twice
             stacks[name] = torch.stack([w.pop(name) for w in rows])
-            for e, w in zip(ids, rows):
+            for e, w in enumerate(rows):
                 w[name] = stacks[name][e]
         self.stacks[layer] = stacks
 
@@ -45,9 +50,8 @@ class ResidentExperts:
         made once per build; None when the kernel cannot read them all (or they are not 0..E-1)."""
         key = (layer, gemv, hidden, inner)
         if key not in self.tables:
-            ids = sorted(e for (l, e) in self.experts if l == layer)
-            self.tables[key] = fused_moe.table([self.experts[layer, e] for e in ids], gemv, hidden, inner) \
-                if ids == list(range(len(ids))) else None
+            rows = self._layer(layer)
+            self.tables[key] = None if rows is None else fused_moe.table(rows, gemv, hidden, inner)
         return self.tables[key]
 
     def provide(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],

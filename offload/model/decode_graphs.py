@@ -18,14 +18,14 @@ import warnings
 
 import torch
 
-from ..spec import AttentionSpec, ModelSpec
+from ..spec import AttentionSpec
 from .kv_cache import KVCache, bucket
 from .moe import device_stacks
 
 
-def unsupported(spec: ModelSpec, decoder) -> str | None:
+def unsupported(decoder) -> str | None:
     """Why this decoder's step cannot be captured, or None."""
-    if any(not isinstance(layer.attention, AttentionSpec) or layer.attention.mla for layer in spec.layers):
+    if any(not isinstance(layer.attention, AttentionSpec) or layer.attention.mla for layer in decoder.spec.layers):
         return "MLA and Gated DeltaNet layers are not captured yet"
     if decoder.hooks:
         return "decoder hooks (prefetch prediction, routing traces) run Python at every layer"
@@ -71,7 +71,7 @@ class DecodeGraphs:
 
     def unavailable(self, batch: int) -> str | None:
         d = self.decoder
-        reason = self.failed or unsupported(d.spec, d)
+        reason = self.failed or unsupported(d)
         if reason is None and any(layer.mlp != "dense" and device_stacks(d.experts, i, batch * d.spec.router.top_k,
                                                                          d.device) is None
                                   for i, layer in enumerate(d.spec.layers)):
