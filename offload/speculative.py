@@ -128,81 +128,84 @@ def speculative_loop(decoder: Decoder, mtp: MTPHead, input_ids: torch.Tensor, ma
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     chooser = chooser or DraftLength(max_draft)
     T, slack = input_ids.shape[1], max_draft + 1
-    cache = decoder.new_cache(1, T + max_new_tokens + slack, slack=slack)
+    cache = decoder.decode_cache(1, T + max_new_tokens + slack, slack)
     mtp_cache = mtp.new_cache(T + max_new_tokens + slack, slack)
 
     def run_main(tokens: torch.Tensor) -> torch.Tensor:
         start, n = cache.length, tokens.shape[1]
         positions = torch.arange(start, start + n, device=device)[None]
-        return decoder.hidden_states(tokens, cache, positions, torch.ones(1, n, dtype=torch.bool, device=device))
+        return decoder.step_hidden(tokens, cache, positions, torch.ones(1, n, dtype=torch.bool, device=device))
 
     greedy = sampling.temperature == 0 and sampling.repetition_penalty == 1.0  # argmax only, no warping
-    hidden = run_main(input_ids)
-    history = input_ids
-    token, _ = _draw(decoder.logits(hidden[0, -1]), history, sampling, generator)
-    produced = 1
-    # The MTP layer's own prefill runs with the main model's, before the first token is out: it reads the
-    # prompt's states and drafts the first decode step's token. Afterwards it catches up lazily, when a
-    # step drafts: `pending` holds the states and tokens it has not read yet (None: it is up to date).
-    ready = mtp.step(hidden, torch.cat((input_ids[:, 1:], history.new_tensor([[token]])), 1), mtp_cache, 0)
-    pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
-    yield torch.tensor([token], device=device)
-    while produced < max_new_tokens and token not in eos_ids:
-        k = min(chooser.choose(), max_new_tokens - produced - 1)
-        started = time.perf_counter()
-        last = cache.length - 1  # position of the newest token the main model has processed
-        drafts, draft_probs = [], []
-        if k > 0:
-            state, logits = mtp.step(*pending[:2], mtp_cache, pending[2]) if pending else ready
-            for i in range(k):
-                if greedy:
-                    d = int(logits[0, -1].argmax())
-                else:
-                    d, q = _draw(logits[0, -1], torch.cat((history, history.new_tensor([[token, *drafts]])), 1),
-                                 sampling, generator)
-                    draft_probs.append(q)
-                drafts.append(d)
-                if i + 1 < k:
-                    state, logits = mtp.step(state[:, -1:], history.new_tensor([[d]]), mtp_cache, last + 1 + i)
-            if k > 1:
-                mtp_cache.truncate(last + 1)  # chained drafts were tentative
-        verify = history.new_tensor([[token, *drafts]])
-        hv = run_main(verify)
-        logits = decoder.logits(hv)[0]
-        history = torch.cat((history, verify[:, :1]), 1)
-        accepted, out = 0, None
-        if greedy:  # one argmax over the verified positions
-            targets = logits.argmax(-1).tolist()
-            while accepted < k and targets[accepted] == drafts[accepted]:
-                accepted += 1
-            out = targets[accepted]
-            history = torch.cat((history, verify[:, 1:accepted + 1]), 1)
-        else:
-            for i, d in enumerate(drafts):
-                out = _accept(d, _distribution(logits[i], history, sampling), draft_probs[i], generator)
-                if out is not None:
-                    break
-                accepted += 1
-                history = torch.cat((history, verify[:, i + 1:i + 2]), 1)
-            if out is None:  # every draft accepted: the verify step's last position gives a bonus token
-                out, _ = _draw(logits[accepted], history, sampling, generator)
-        stats.verify_steps += 1
-        stats.drafted += k
-        stats.accepted += accepted
-        stats.first_drafted += k > 0
-        stats.first_accepted += k > 0 and accepted > 0
-        new = drafts[:accepted] + [out]
-        stats.tokens += len(new)
-        cache.truncate(last + 2 + accepted)
-        chooser.update(k, time.perf_counter() - started, accepted)
-        for t in new:
-            produced += 1
-            yield torch.tensor([t], device=device)
-            if t in eos_ids or produced >= max_new_tokens:
-                return
-        new_h, new_ids = hv[:, :accepted + 1], history.new_tensor([[*drafts[:accepted], out]])
-        if k > 0 or pending is None:
-            pending = (new_h, new_ids, last + 1)
-        else:  # the MTP layer was not run: its unread inputs grow
-            pending = (torch.cat((pending[0], new_h), 1), torch.cat((pending[1], new_ids), 1), pending[2])
-        token = out
+    try:
+        hidden = run_main(input_ids)
+        history = input_ids
+        token, _ = _draw(decoder.logits(hidden[0, -1]), history, sampling, generator)
+        produced = 1
+        # The MTP layer's own prefill runs with the main model's, before the first token is out: it reads the
+        # prompt's states and drafts the first decode step's token. Afterwards it catches up lazily, when a
+        # step drafts: `pending` holds the states and tokens it has not read yet (None: it is up to date).
+        ready = mtp.step(hidden, torch.cat((input_ids[:, 1:], history.new_tensor([[token]])), 1), mtp_cache, 0)
+        pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        yield torch.tensor([token], device=device)
+        while produced < max_new_tokens and token not in eos_ids:
+            k = min(chooser.choose(), max_new_tokens - produced - 1)
+            started = time.perf_counter()
+            last = cache.length - 1  # position of the newest token the main model has processed
+            drafts, draft_probs = [], []
+            if k > 0:
+                state, logits = mtp.step(*pending[:2], mtp_cache, pending[2]) if pending else ready
+                for i in range(k):
+                    if greedy:
+                        d = int(logits[0, -1].argmax())
+                    else:
+                        d, q = _draw(logits[0, -1], torch.cat((history, history.new_tensor([[token, *drafts]])), 1),
+                                     sampling, generator)
+                        draft_probs.append(q)
+                    drafts.append(d)
+                    if i + 1 < k:
+                        state, logits = mtp.step(state[:, -1:], history.new_tensor([[d]]), mtp_cache, last + 1 + i)
+                if k > 1:
+                    mtp_cache.truncate(last + 1)  # chained drafts were tentative
+            verify = history.new_tensor([[token, *drafts]])
+            hv = run_main(verify)
+            logits = decoder.logits(hv)[0]
+            history = torch.cat((history, verify[:, :1]), 1)
+            accepted, out = 0, None
+            if greedy:  # one argmax over the verified positions
+                targets = logits.argmax(-1).tolist()
+                while accepted < k and targets[accepted] == drafts[accepted]:
+                    accepted += 1
+                out = targets[accepted]
+                history = torch.cat((history, verify[:, 1:accepted + 1]), 1)
+            else:
+                for i, d in enumerate(drafts):
+                    out = _accept(d, _distribution(logits[i], history, sampling), draft_probs[i], generator)
+                    if out is not None:
+                        break
+                    accepted += 1
+                    history = torch.cat((history, verify[:, i + 1:i + 2]), 1)
+                if out is None:  # every draft accepted: the verify step's last position gives a bonus token
+                    out, _ = _draw(logits[accepted], history, sampling, generator)
+            stats.verify_steps += 1
+            stats.drafted += k
+            stats.accepted += accepted
+            stats.first_drafted += k > 0
+            stats.first_accepted += k > 0 and accepted > 0
+            new = drafts[:accepted] + [out]
+            stats.tokens += len(new)
+            cache.truncate(last + 2 + accepted)
+            chooser.update(k, time.perf_counter() - started, accepted)
+            for t in new:
+                produced += 1
+                yield torch.tensor([t], device=device)
+                if t in eos_ids or produced >= max_new_tokens:
+                    return
+            new_h, new_ids = hv[:, :accepted + 1], history.new_tensor([[*drafts[:accepted], out]])
+            if k > 0 or pending is None:
+                pending = (new_h, new_ids, last + 1)
+            else:  # the MTP layer was not run: its unread inputs grow
+                pending = (torch.cat((pending[0], new_h), 1), torch.cat((pending[1], new_ids), 1), pending[2])
+            token = out
+    finally:
+        decoder.release(cache)  # the graph runner's cache goes back

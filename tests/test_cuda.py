@@ -96,6 +96,8 @@ def test_quantized_triton_offloaded_equals_resident(prompts):
 
 def test_mtp_speculation_on_gpu_is_exact(resident, prompts):
     assert _greedy(resident, prompts, speculative="mtp", draft_tokens=3) == _greedy(resident, prompts)
+    graphs = resident.decoder.graphs
+    assert graphs.failed is None and any(tokens > 1 for _, tokens, _ in graphs.graphs)  # verify steps replayed
     model = offload.load("demo", device=CUDA, cache_experts=4)
     assert _greedy(model, prompts, speculative="mtp", draft_tokens=2) == _greedy(resident, prompts)
 

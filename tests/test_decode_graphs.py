@@ -40,7 +40,7 @@ def _greedy_steps(model, prompt: torch.Tensor, steps: int, run_step,
             out = d.logits(d.hidden_states(ids, cache, pos, valid)[:, -1])
         else:
             static.load(ids, cache, pos, valid)
-            out = static.run(cache)
+            out = d.logits(static.run(cache)[:, -1])
             cache.length += 1
     return tokens, logits
 
@@ -71,6 +71,37 @@ def test_static_step_equals_eager_decode(arch, tmp_path, grouped_on_cpu):
     assert static_tokens == eager_tokens == plain_tokens
     for a, b in zip(static_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["mimo_v2_flash", "gpt_oss", "qwen3_moe"])
+def test_static_verify_step_equals_eager(arch, tmp_path, grouped_on_cpu):
+    """A speculative verify step as a graph captures it (3 tokens per row over static buffers) writes and
+    reads the cache as the eager pass does, bit for bit, with drafts rolled back between steps."""
+    save_tiny(arch, tmp_path)
+    model = offload.load(tmp_path, device="cpu")
+    d = model.decoder
+    d.experts = ResidentExperts(dict(d.experts.experts), stack=True)
+    assert DecodeGraphs(d).unavailable(1, tokens=3) is None
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 100, (1, 5), generator=gen)
+    caches = [KVCache([layer.attention for layer in d.spec.layers], 1, 64, d.dtype, d.device, slack=3,
+                      preallocate=True, bucketed=True) for _ in range(2)]
+    ones = torch.ones_like(prompt, dtype=torch.bool)
+    hidden = [d.hidden_states(prompt, c, torch.arange(5)[None], ones) for c in caches]
+    static = StaticStep(d, 1, 3)
+    for _ in range(12):  # lengths 5..~30: buckets 8, 16 and 32, and back across one by a roll-back
+        token = d.logits(hidden[0][:, -1]).argmax(-1, keepdim=True)
+        step = torch.cat((token, torch.randint(3, 100, (1, 2), generator=gen)), 1)
+        start = caches[0].length
+        pos, valid = torch.arange(start, start + 3)[None], torch.ones(1, 3, dtype=torch.bool)
+        static.load(step, caches[0], pos, valid)
+        hidden = [static.run(caches[0]), d.hidden_states(step, caches[1], pos, valid)]
+        caches[0].length += 3
+        assert torch.equal(*hidden)
+        keep = start + 1 + int(torch.randint(0, 3, (1,), generator=gen))  # the token and 0-2 drafts accepted
+        for c in caches:
+            c.truncate(keep)
+        hidden = [h[:, :keep - start] for h in hidden]
 
 
 @pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (3, 2)])
@@ -132,6 +163,35 @@ def test_bucket():
     assert [bucket(n) for n in (1, 256, 257, 600, 4096, 4097)] == [256, 256, 512, 1024, 4096, 8192]
 
 
+def test_sliding_window_model_replays(grouped_on_cpu, monkeypatch):
+    """The demo's sliding-window ring caches under the runner: a graph's warm-up and check run a step twice,
+    which must not leave its keys in the ring twice (the replay check then fails and graphs turn off)."""
+    plain = offload.load("demo", device="cpu")
+    prompt = plain.prompt_ids([{"role": "user", "content": "Sort 42, 7, 19, 88"}])
+    expected = plain.generate(prompt, max_new_tokens=20, eos_token_ids=[])
+    model = _graphed("demo", monkeypatch)
+    assert torch.equal(model.generate(prompt, max_new_tokens=20, eos_token_ids=[]), expected)
+    assert model.stats()["cuda_graphs"]["off"] is None and model.decoder.graphs.captured >= 2
+
+
+def test_speculative_verify_steps_replay(tmp_path, grouped_on_cpu, monkeypatch):
+    """MTP speculation on the graph runner: verify steps of each draft length get their own graphs, rolled-back
+    drafts and all, and the tokens are plain greedy decoding's."""
+    from offload.demo import tasks
+
+    plain = offload.load("demo", device="cpu")
+    prompts = [plain.prompt_ids([{"role": "user", "content": q}]) for _, q, _ in tasks.heldout(4)]
+    expected = [plain.generate(p, max_new_tokens=24, eos_token_ids=[]) for p in prompts]
+    model = _graphed("demo", monkeypatch)
+    got = [model.generate(p, max_new_tokens=24, eos_token_ids=[], speculative="mtp", draft_tokens=3)
+           for p in prompts]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    graphs = model.decoder.graphs
+    lengths = {tokens for _, tokens, _ in graphs.graphs}
+    assert len(lengths) >= 2 and max(lengths) > 1, graphs.graphs  # plain-length and verify steps
+    assert graphs.leased == set() and model.stats()["speculative"]["accepted"] > 0
+
+
 class Rerun:
     """torch.cuda.CUDAGraph's contract on the CPU: `replay` redoes the captured step's work into the same
     output tensor, reading whatever the static buffers and the cache hold at that moment."""
@@ -150,7 +210,7 @@ def _save(directory):
 
 
 def _graphed(directory, monkeypatch, broken: bool = False, fail: bool = False):
-    """A tiny OLMoE whose decoder replays Rerun graphs (or fails to capture)."""
+    """The model in `directory` with a decoder that replays Rerun graphs (or fails to capture)."""
     model = offload.load(directory, device="cpu")
     d = model.decoder
     d.experts = ResidentExperts(dict(d.experts.experts), stack=True)
@@ -175,7 +235,7 @@ def test_runner_replays_per_bucket_and_reuses_its_cache(tmp_path, grouped_on_cpu
     model = _graphed(tmp_path, monkeypatch)
     assert torch.equal(model.generate(prompt, max_new_tokens=24, eos_token_ids=[]), expected)
     graphs = model.decoder.graphs
-    assert sorted(graphs.graphs) == [(1, 8), (1, 16), (1, 32)] and graphs.captured == 3  # positions 6..29
+    assert sorted(graphs.graphs) == [(1, 1, 8), (1, 1, 16), (1, 1, 32)] and graphs.captured == 3  # positions 6..29
     cache = graphs.caches[1]
     assert torch.equal(model.generate(prompt, max_new_tokens=24, eos_token_ids=[]), expected)
     assert graphs.captured == 3 and graphs.caches[1] is cache and graphs.leased == set()

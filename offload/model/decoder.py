@@ -51,23 +51,30 @@ class Decoder:
         self.threads = threads_for(weights.values(), device)
         self.graphs = DecodeGraphs(self) if device.type == "cuda" else None  # None: decode eagerly
 
-    def decode_cache(self, batch: int, max_len: int) -> KVCache:
+    def decode_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
         """A cache for one generation: the graph runner's own when its steps can be replayed (`release` it
-        after), else a new one."""
-        return (self.graphs.lease(batch, max_len) if self.graphs else None) or self.new_cache(batch, max_len)
+        after), else a new one. `slack`: see KVCache."""
+        return (self.graphs.lease(batch, max_len, slack) if self.graphs else None) or self.new_cache(batch, max_len,
+                                                                                                   slack)
 
     def release(self, cache: KVCache) -> None:
         if self.graphs:
             self.graphs.release(cache)
 
+    def step_hidden(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` of a generation's pass: a decode or verify step on the graph runner's cache is
+        replayed from a CUDA graph."""
+        if self.graphs and self.graphs.replays(cache, tokens.shape[1]):
+            hidden = self.graphs.hidden(tokens, cache, positions, valid)
+            if hidden is not None:
+                return hidden
+        return self.hidden_states(tokens, cache, positions, valid)
+
     def next_logits(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                     valid: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] after T new tokens per row: a one-token step on the graph runner's cache is replayed."""
-        if tokens.shape[1] == 1 and self.graphs and self.graphs.owns(cache) and not self.graphs.failed:
-            logits = self.graphs.logits(tokens, cache, positions, valid)
-            if logits is not None:
-                return logits
-        return self.logits(self.hidden_states(tokens, cache, positions, valid)[:, -1])
+        """Logits [B, V] after T new tokens per row (`step_hidden`)."""
+        return self.logits(self.step_hidden(tokens, cache, positions, valid)[:, -1])
 
     def new_cache(self, batch: int, max_len: int, slack: int = 0) -> KVCache:
         return KVCache([layer.attention for layer in self.spec.layers], batch, max_len, self.dtype, self.device,

@@ -95,8 +95,11 @@ class LayerCache:
             self._write(index if self.bucketed else slice(start, end), k, v, index, valid)
             return KeysView(self.k[:, :, :n], self.v[:, :, :n], self.index[:n], self.valid[:, :n])
         # Ring: new queries need up to window-1 older keys, so attend over ring + new, then keep the newest.
+        ring = self.index
+        if self.bucketed:  # a graph's warm-up and check run a step twice: what the first wrote is not a key yet
+            ring = ring.masked_fill(ring >= index[:1], -1)
         view = KeysView(torch.cat((self.k, k), 2), torch.cat((self.v, v), 2),
-                        torch.cat((self.index, index)), torch.cat((self.valid, valid), 1))
+                        torch.cat((ring, index)), torch.cat((self.valid, valid), 1))
         self._grow(min(end, self.capacity))  # before the ring first wraps, slot = index
         keep = min(k.shape[2], self.capacity)
         slots = index[-keep:] % self.capacity
@@ -194,7 +197,7 @@ class KVCache:
         self.layers = [LinearState(a, batch, dtype, device, slack) if isinstance(a, LinearAttentionSpec)
                        else LayerCache(a, batch, max_len, dtype, device, slack, bucketed, preallocate)
                        for a in attention_specs]
-        self.batch, self.capacity = batch, max_len
+        self.batch, self.capacity, self.slack = batch, max_len, slack
         self.length = 0
         self.router_inputs: dict[int, torch.Tensor] = {}  # MoE layer -> [B, H]; a roll-back leaves it: a hint
 
