@@ -112,18 +112,25 @@ def read_index(blob: torch.Tensor) -> dict[str, Any]:
 
 
 def unpack_expert(blob: torch.Tensor, index: dict[str, Any] | None = None) -> dict[str, Entry]:
-    """Views into `blob` (zero copy), on the blob's device."""
+    """Views into `blob` (zero copy), on the blob's device. Blobs of one layout stacked as rows [S, bytes] give
+    each dense weight as one [S, ...] view (unpack_rows)."""
     index = index or read_index(blob)
-    base, out = index["base"], {}
+    base, lead, out = index["base"], blob.shape[:-1], {}
     for name, e in index["entries"].items():
         views = {}
         for key, (dt, shape, off) in e["tensors"].items():
             dtype = _dtype(dt)
-            numel = 1
-            for s in shape:
-                numel *= s
-            nb = numel * torch.empty((), dtype=dtype).element_size()
-            views[key] = blob[base + off: base + off + nb].view(dtype).view(shape)
+            nb = math.prod(shape) * dtype.itemsize
+            views[key] = blob[..., base + off: base + off + nb].view(dtype).view(*lead, *shape)
         out[name] = (views["data"] if e["fmt"] == "dense"
                      else QuantizedTensor(e["fmt"], tuple(e["shape"]), e["params"], views))
     return out
+
+
+def unpack_rows(rows: torch.Tensor, index: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Blobs of one layout stacked as rows [S, bytes] (a layer's device slots) -> each weight as one [S, ...]
+    view, for products that gather experts by row; None when a weight is quantized (its parts are not one
+    tensor such a product reads)."""
+    if any(e["fmt"] != "dense" for e in index["entries"].values()):
+        return None
+    return unpack_expert(rows, index)

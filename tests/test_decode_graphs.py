@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import offload
+from offload.engine.offloaded import OffloadedExperts
 from offload.engine.resident import ResidentExperts
 from offload.model import kv_cache
 from offload.model.decode_graphs import DecodeGraphs, StaticStep, unsupported
@@ -146,15 +147,26 @@ def test_stacked_experts_share_memory():
         assert provider.experts[1, e]["gate"].data_ptr() == stacks["gate"][e].data_ptr()  # a view, no copy
 
 
-def test_graphs_say_why_they_cannot_run(tmp_path):
+def test_graphs_say_why_they_cannot_run(tmp_path, grouped_on_cpu, monkeypatch):
     save_tiny("olmoe", tmp_path)
-    offloaded = offload.load(tmp_path, device="cpu", cache_experts=2, prefetch=1)
-    assert "hooks" in DecodeGraphs(offloaded.decoder).unavailable(1)
-    offloaded.decoder.hooks.clear()
-    assert "not all stacked" in DecodeGraphs(offloaded.decoder).unavailable(1)
+    neither = "neither stacked on the device nor in device slots"
+    output_prefetch = offload.load(tmp_path, device="cpu", cache_experts=2, prefetch=1, predict_from="output")
+    assert "hook" in DecodeGraphs(output_prefetch.decoder).unavailable(1)
+    aliased = offload.load(tmp_path, device="cpu", cache_experts=2, prefetch=1)  # a CPU's slots are host blobs
+    assert neither in DecodeGraphs(aliased.decoder).unavailable(1)
+    own_slots = _graphed(tmp_path, monkeypatch, cache_experts=2, prefetch=1).decoder.graphs
+    assert own_slots.unavailable(1) is None  # a step's 2 experts fit in 2 slots, a verify step's 6 do not
+    assert neither in own_slots.unavailable(1, tokens=3)
+    on_host = _graphed(tmp_path, monkeypatch, cache_experts=2, miss_policy="cpu").decoder.graphs
+    assert neither in on_host.unavailable(1)
+    save_tiny("olmoe", tmp_path / "q", intermediate_size=64)  # sizes the 4-bit groups divide
+    quantized = _graphed(tmp_path / "q", monkeypatch, cache_experts=2, quant="a4e4").decoder.graphs
+    assert neither in quantized.unavailable(1)
     resident = offload.load(tmp_path, device="cpu")
     assert resident.decoder.graphs is None  # CPU: decoded eagerly
-    assert "not all stacked" in DecodeGraphs(resident.decoder).unavailable(1)  # not stacked on the CPU
+    assert neither in DecodeGraphs(resident.decoder).unavailable(1)  # not stacked on the CPU
+    traced = _graphed(tmp_path, monkeypatch, record_trace=tmp_path / "trace.bin").decoder.graphs
+    assert "every MoE layer must be offloaded" in traced.unavailable(1)  # hooks run only between pieces
     with pytest.raises(ValueError, match="cuda_graphs"):
         offload.load(tmp_path, device="cpu", cuda_graphs="yes")
 
@@ -193,15 +205,17 @@ def test_speculative_verify_steps_replay(tmp_path, grouped_on_cpu, monkeypatch):
 
 
 class Rerun:
-    """torch.cuda.CUDAGraph's contract on the CPU: `replay` redoes the captured step's work into the same
-    output tensor, reading whatever the static buffers and the cache hold at that moment."""
+    """torch.cuda.CUDAGraph's contract on the CPU, for piece j of a step: `replay` redoes the captured work
+    into the same output tensors, reading whatever the static buffers, slot tables, the previous piece's
+    outputs and the cache hold at that moment."""
 
-    def __init__(self, step: StaticStep, cache: KVCache, broken: bool = False) -> None:
-        self.step, self.cache, self.broken = step, cache, broken
-        self.out = step.run(cache)
+    def __init__(self, step: StaticStep, cache: KVCache, j: int, before: dict, broken: bool = False) -> None:
+        self.step, self.cache, self.j, self.before, self.broken = step, cache, j, before, broken
+        self.out = step.piece(j, cache, before)
 
     def replay(self) -> None:
-        self.out.copy_(self.step.run(self.cache) * (0 if self.broken else 1))
+        for name, t in self.step.piece(self.j, self.cache, self.before).items():
+            self.out[name].copy_(t * 0 if self.broken and name == "hidden" else t)
 
 
 def _save(directory):
@@ -209,19 +223,29 @@ def _save(directory):
     return directory
 
 
-def _graphed(directory, monkeypatch, broken: bool = False, fail: bool = False):
-    """The model in `directory` with a decoder that replays Rerun graphs (or fails to capture)."""
-    model = offload.load(directory, device="cpu")
+def _graphed(directory, monkeypatch, broken: bool = False, fail: bool = False, **load):
+    """The model in `directory` with a decoder that replays Rerun graphs (or fails to capture): experts
+    resident and stacked, or with `cache_experts` in `load`, offloaded into slots of their own (not the host
+    blobs a CPU's slots otherwise are), as on a GPU."""
+    placement = load.pop("placement", "inclusive")
+    model = offload.load(directory, device="cpu", **load)  # inclusive: its engine leaves the store whole
     d = model.decoder
-    d.experts = ResidentExperts(dict(d.experts.experts), stack=True)
+    if isinstance(d.experts, ResidentExperts):
+        d.experts = ResidentExperts(dict(d.experts.experts), stack=True)
+    else:
+        e = d.experts
+        d.experts = OffloadedExperts(e.store, d.spec.moe_layers, load["cache_experts"], d.device, e.policy,
+                                     e.miss_policy, placement, d.spec.router.top_k)
     d.graphs = DecodeGraphs(d)
 
     def capture(self, step, cache):
         if fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        graph = Rerun(step, cache, broken)
-        self.captured += 1
-        return graph, step, graph.out
+        graphs = []
+        for j in range(step.pieces()):
+            graphs.append(Rerun(step, cache, j, graphs[-1].out if graphs else {}, broken))
+        self.captured += len(graphs)
+        return graphs, [g.out for g in graphs]
 
     monkeypatch.setattr(DecodeGraphs, "_capture", capture)
     return model
@@ -259,3 +283,62 @@ def test_a_bad_graph_falls_back_to_eager(fault, tmp_path, grouped_on_cpu):
         assert why in model.stats()["cuda_graphs"]["off"]
         assert graphs.lease(1, 20) is None
         assert torch.equal(model.generate(prompt, max_new_tokens=12, eos_token_ids=[]), expected)
+
+
+def _hidden_steps(model, prompt: torch.Tensor, steps: int, cache: KVCache) -> list[torch.Tensor]:
+    """Greedy decoding through Decoder.step_hidden on `cache`: every step's final hidden states."""
+    d = model.decoder
+    hidden = d.hidden_states(prompt, cache, torch.arange(prompt.shape[1])[None], torch.ones_like(prompt).bool())
+    out = []
+    with d.experts.call():
+        for _ in range(steps):
+            token = d.logits(hidden[:, -1]).argmax(-1, keepdim=True)
+            hidden = d.step_hidden(token, cache, torch.tensor([[cache.length]]), torch.ones(1, 1, dtype=torch.bool))
+            out.append(hidden)
+    return out
+
+
+@pytest.mark.parametrize("placement", ["inclusive", "exclusive"])
+@pytest.mark.parametrize("arch", ["mimo_v2_flash", "gpt_oss", "qwen3_moe"])
+def test_offloaded_steps_replay_in_pieces(arch, placement, tmp_path, grouped_on_cpu, monkeypatch):
+    """Offloaded experts on the graph runner: a step is one piece per MoE layer plus one, the host putting each
+    layer's experts in slots between pieces (prefetching the next layer's), the pieces gathering them by slot.
+    Every step's hidden states and the engine's counters (hits, misses, bytes copied, prefetches) are the
+    eager offloaded decode's, bit for bit and count for count."""
+    save_tiny(arch, tmp_path)
+    load = dict(cache_experts=2, prefetch=1, placement=placement)
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    graphed = _graphed(tmp_path, monkeypatch, **load)
+    eager = _graphed(tmp_path, monkeypatch, **load)
+    eager.decoder.graphs = None
+    d = graphed.decoder
+    assert len(d.hooks) == 1 and d.graphs.unavailable(1) is None
+    cache = d.decode_cache(1, 40)
+    assert d.graphs.owns(cache)
+    bucketed = KVCache([layer.attention for layer in d.spec.layers], 1, 40, d.dtype, d.device, preallocate=True,
+                       bucketed=True)
+    replayed, expected = _hidden_steps(graphed, prompt, 24, cache), _hidden_steps(eager, prompt, 24, bucketed)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, expected))
+    assert d.graphs.failed is None and sorted(d.graphs.graphs) == [(1, 1, 8), (1, 1, 16), (1, 1, 32)]
+    assert d.graphs.captured == 3 * (len(d.spec.moe_layers) + 1)
+    stats, want = ({k: v for k, v in m.decoder.experts.stats().items() if not k.endswith("seconds")}
+                   for m in (graphed, eager))
+    assert stats == want and stats["misses"] > 0 and stats["prefetch_issued"] > 0, stats
+
+
+def test_offloaded_speculation_replays_in_pieces(grouped_on_cpu, monkeypatch):
+    """The demo offloaded with half its experts cached, MTP speculation and the learned prefetch predictor on
+    the graph runner: plain and verify steps replay in pieces, and the tokens are plain greedy decoding's."""
+    from offload.demo import tasks
+
+    plain = offload.load("demo", device="cpu")
+    prompts = [plain.prompt_ids([{"role": "user", "content": q}]) for _, q, _ in tasks.heldout(3)]
+    expected = [plain.generate(p, max_new_tokens=24, eos_token_ids=[]) for p in prompts]
+    model = _graphed("demo", monkeypatch, cache_experts=8, prefetch=1)
+    assert model.decoder.hooks[0].predictors  # the demo's learned predictor reads the previous token's state
+    got = [model.generate(p, max_new_tokens=24, eos_token_ids=[], speculative="mtp", draft_tokens=3)
+           for p in prompts]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    graphs = model.decoder.graphs
+    assert graphs.failed is None and max(tokens for _, tokens, _ in graphs.graphs) > 1
+    assert model.stats()["speculative"]["accepted"] > 0

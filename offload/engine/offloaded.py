@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from offload.quant.pack import unpack_rows
 
 from ..errors import OffloadError
 from ..model.moe import top_experts
@@ -159,6 +160,27 @@ class OffloadedExperts:
             hits, batch, loaded = [], [], self._load(layer, missing, in_use)
             if not loaded:
                 raise OffloadError(f"layer {layer}: no expert slot can be freed; raise cache_experts")
+
+    def slot_stacks(self, layer: int, experts: int) -> dict[str, torch.Tensor] | None:
+        """The layer's slots as one tensor per weight ([capacity, ...], views of the slot memory), for routing
+        that stays on the device (`moe_on_device` on slot ids: a decode step in CUDA graphs), when a step's
+        `experts` distinct experts fit in the slots at once and every miss is copied in; else None (quantized
+        weights, slots that are host blobs, misses computed on the host)."""
+        if self.alias or self.miss_policy != "load" or len(self.holds[layer]) < experts:
+            return None
+        return unpack_rows(self.memory[layer], self.store.index)
+
+    def place(self, layer: int, experts: list[int], weights: list[float], tokens: list[int],
+              prefetch: list[tuple[int, list[int]]]) -> list[int]:
+        """Put a step's experts in the layer's slots, counted, loaded and prefetched as `provide` does, and
+        return their slots (for `slot_stacks`' rows)."""
+        batches = self.provide(layer, experts, weights, tokens, prefetch)
+        batch = next(batches)
+        batches.close()
+        if len(batch) != len(experts):
+            raise OffloadError(f"layer {layer}: {len(experts)} experts do not fit in the slots at once; "
+                               "raise cache_experts")
+        return [self.slots[layer].slot_of[e] for e in experts]
 
     def prefetch(self, predictions: list[tuple[int, torch.Tensor]], count: int) -> None:
         """Prefetch from expert scores of later layers (predict_from="output"): one host sync."""

@@ -24,6 +24,7 @@ class Prefetcher(DecoderHook):
             raise ValueError(f"predict_from must be 'attention' or 'output', got {predict_from!r}")
         self.decoder, self.layers, self.predict_from = decoder, layers, predict_from
         self.predictors = predictors or {}
+        self.replayable = predict_from == "attention"  # "output" predicts at every layer
 
     def routed(self, layer: int, h: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                cache: KVCache) -> Predictions:

@@ -11,45 +11,68 @@ replayed steps run the same ops on tensors of the same shapes and strides, so th
 bit (tests/test_cuda.py); `StaticStep` is the part a graph captures, and it runs eagerly on any device
 (tests/test_decode_graphs.py checks it on the CPU against the plain decode).
 
-Used only where a step has no host sync: attention layers (not MLA or Gated DeltaNet yet), no decoder hooks
-(prefetch prediction, routing traces), and every MoE layer's experts stacked on the device
-(ResidentExperts(stack=True) -> moe_on_device). Offloaded and quantized experts decode eagerly.
+Offloaded experts cut a step into pieces, one graph each (piecewise capture, as vLLM's): a piece runs from one
+offloaded MoE layer's expert products to the next one's routing. Between pieces the host reads that layer's
+routing (its one sync), the engine puts those experts in device slots (copies and prefetches as in an eager
+step) and writes the expert -> slot table to the device; the next piece gathers the experts' weights from the
+slots by that table (moe_on_device over `slot_stacks`), so routing results and slot ids never leave the device.
+Decoder hooks run there too, between the pieces, when they are `replayable` (prefetch prediction from the
+attention state, routing traces), which needs every MoE layer to be a cut.
+
+Not captured (decoded eagerly): MLA and Gated DeltaNet layers, quantized experts, misses computed on the
+host, slots too few for a step's experts, hooks that act at every layer.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..spec import AttentionSpec
 from .kv_cache import KVCache, bucket
-from .moe import device_stacks
+from .moe import device_stacks, host_routing, moe_on_device
 
 MAX_STEP_TOKENS = 8  # tokens per row a replayed step may take (1 + the most drafts a verify step checks)
 
 
 def unsupported(decoder) -> str | None:
-    """Why this decoder's step cannot be captured, or None."""
+    """Why this decoder's steps cannot be captured whatever their size, or None."""
     if any(not isinstance(layer.attention, AttentionSpec) or layer.attention.mla for layer in decoder.spec.layers):
         return "MLA and Gated DeltaNet layers are not captured yet"
-    if decoder.hooks:
-        return "decoder hooks (prefetch prediction, routing traces) run Python at every layer"
+    if not all(hook.replayable for hook in decoder.hooks):
+        return "a decoder hook (prefetch from layer outputs, calibration) runs at every layer"
     return None
+
+
+def slot_stacks(decoder, layer: int, pairs: int) -> dict[str, torch.Tensor] | None:
+    """MoE layer `layer`'s device slots stacked per weight, when a step of `pairs` (token, expert) pairs can take
+    its experts from them (OffloadedExperts.slot_stacks), else None."""
+    provider = decoder.experts
+    if not hasattr(provider, "slot_stacks"):
+        return None
+    return provider.slot_stacks(layer, min(decoder.spec.router.num_experts, pairs))
 
 
 class StaticStep:
     """A decode step of `tokens` tokens per row over static buffers: `load` copies a step's inputs in, `run`
     computes its final-norm hidden states [B, T, H], reading only the buffers and the cache (whose `length`
-    the caller moves after)."""
+    the caller moves after). The step is `pieces()` pieces: piece j ends at the routing of MoE layer cuts[j]
+    (whose experts come from device slots), and `between(j, ...)` is the host's part after it."""
 
     def __init__(self, decoder, batch: int, tokens: int = 1) -> None:
-        dev = decoder.device
+        dev, spec = decoder.device, decoder.spec
         self.decoder = decoder
         self.ids = torch.zeros(batch, tokens, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, tokens, dtype=torch.long, device=dev)
         self.valid = torch.ones(batch, tokens, dtype=torch.bool, device=dev)
         self.offsets = torch.arange(tokens, device=dev)
         self.index = torch.zeros(tokens, dtype=torch.long, device=dev)  # the tokens' sequence indices
+        pairs = batch * tokens * spec.router.top_k if spec.router else 0
+        self.cuts = [i for i in spec.moe_layers if device_stacks(decoder.experts, i, pairs, dev) is None]
+        self.slots = {i: slot_stacks(decoder, i, pairs) for i in self.cuts}
+        # MoE layer -> expert -> its slot, written by the host between pieces (experts not routed: slot 0)
+        self.tables = {i: torch.zeros(spec.router.num_experts, dtype=torch.long, device=dev) for i in self.cuts}
 
     def load(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, valid: torch.Tensor) -> None:
         self.ids.copy_(tokens)
@@ -57,19 +80,81 @@ class StaticStep:
         self.valid.copy_(valid)
         torch.add(self.offsets, cache.length, out=self.index)
 
-    def run(self, cache: KVCache) -> torch.Tensor:
+    def pieces(self) -> int:
+        return len(self.cuts) + 1
+
+    def piece(self, j: int, cache: KVCache, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Piece j, from what piece j - 1 returned: the previous cut's experts (from its slots) and residual,
+        the layers up to cut j, and cut j's attention and routing -> h, x, weights, ids, and `done`: the
+        previous cut's output, for its hooks. The last piece returns `hidden` (final norm) and `done`."""
         d = self.decoder
-        return d.run_layers(self.ids, cache, d.step(cache, self.index, self.positions, self.valid))
+        step = d.step(cache, self.index, self.positions, self.valid)
+        out = {}
+        if j == 0:
+            h, first = F.embedding(self.ids, d.embed), 0
+        else:
+            cut = self.cuts[j - 1]
+            x, ids = before["x"], before["ids"]
+            routed = moe_on_device(x, before["weights"], self.tables[cut][ids], self.slots[cut], d.spec.expert)
+            h = out["done"] = d.add_moe(cut, before["h"], x, routed)
+            first = cut + 1
+        last = self.cuts[j] if j < len(self.cuts) else len(d.layers)
+        for i in range(first, last):
+            h, x = d.mix(i, h, step, cache)
+            h = d.mlp(i, h, x, cache)
+        if j == len(self.cuts):
+            return out | {"hidden": d.final_norm(h)}
+        h, x = d.mix(last, h, step, cache)
+        weights, ids = d.route(last, x)
+        return out | {"h": h, "x": x, "weights": weights, "ids": ids}
+
+    def between(self, j: int, cache: KVCache, outs: list[dict[str, torch.Tensor]]) -> None:
+        """The host's part after piece j (outs: the pieces' outputs so far): the hooks at the previous cut's
+        end and at cut j's routing, then cut j's one host sync (its experts and those predicted for later
+        layers), the experts placed in slots, and their slot table written for piece j + 1. After the last
+        piece (j = pieces() - 1): the last cut's hooks only."""
+        d, now = self.decoder, outs[j]
+        if j:
+            for hook in d.hooks:
+                hook.layer_done(self.cuts[j - 1], now["done"], outs[j - 1]["x"], cache)
+        if j == len(self.cuts):
+            return
+        cut, r = self.cuts[j], d.spec.router
+        early = [p for hook in d.hooks for p in hook.routed(cut, now["h"], now["x"], now["weights"], now["ids"],
+                                                           cache)]
+        experts, mass, tokens, prefetch = host_routing(now["weights"], now["ids"], r, early, d.prefetch_count)
+        table = torch.zeros(r.num_experts, dtype=torch.long)
+        table[experts] = torch.tensor(d.experts.place(cut, experts, mass, tokens, prefetch))
+        self.tables[cut].copy_(table)
+
+    def run(self, cache: KVCache, host: bool = True, graphs: list[torch.cuda.CUDAGraph] | None = None,
+            outs: list[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The step: each piece, eagerly or by replaying its graph (whose outputs are `outs`), and the host's
+        part after each; without `host` the slot tables stay as they are and no hook runs (a warm-up, or the
+        check of a replay)."""
+        if host:
+            for hook in self.decoder.hooks:
+                hook.start(self.ids.shape[1])
+        done: list[dict[str, torch.Tensor]] = []
+        for j in range(self.pieces()):
+            if graphs:
+                graphs[j].replay()
+                done.append(outs[j])
+            else:
+                done.append(self.piece(j, cache, done[-1] if done else {}))
+            if host:
+                self.between(j, cache, done)
+        return done[-1]["hidden"]
 
 
 class DecodeGraphs:
-    """One graph per (batch size, tokens per row, key bucket), sharing one memory pool; the KV cache per batch
-    size is leased to one generation at a time (a second, concurrent one decodes eagerly on a cache of its
-    own)."""
+    """One graph per piece of each (batch size, tokens per row, key bucket), all sharing one memory pool (they
+    replay one after another); the KV cache per batch size is leased to one generation at a time (a second,
+    concurrent one decodes eagerly on a cache of its own)."""
 
     def __init__(self, decoder) -> None:
         self.decoder = decoder
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, StaticStep, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[list[torch.cuda.CUDAGraph], StaticStep, list[dict]]] = {}
         self.caches: dict[int, KVCache] = {}
         self.leased: set[int] = set()
         self.pool = None
@@ -80,11 +165,17 @@ class DecodeGraphs:
         """Why steps of `tokens` tokens for `batch` rows cannot be replayed, or None."""
         d = self.decoder
         reason = self.failed or unsupported(d)
-        pairs = batch * tokens * d.spec.router.top_k if d.spec.router else 0
-        if reason is None and any(layer.mlp != "dense" and device_stacks(d.experts, i, pairs, d.device) is None
-                                  for i, layer in enumerate(d.spec.layers)):
-            reason = "the experts are not all stacked on the device (offloaded, quantized or too large to group)"
-        return reason
+        if reason is not None or not d.spec.router:
+            return reason
+        pairs = batch * tokens * d.spec.router.top_k
+        stacked = {i: device_stacks(d.experts, i, pairs, d.device) is not None for i in d.spec.moe_layers}
+        if not all(on_device or slot_stacks(d, i, pairs) is not None for i, on_device in stacked.items()):
+            return ("some MoE layer's experts are neither stacked on the device nor in device slots a step can "
+                    "gather them from (quantized, computed on the host, more per step than slots, or too large "
+                    "to group)")
+        if d.hooks and any(stacked.values()):
+            return "decoder hooks run between a step's pieces, so every MoE layer must be offloaded"
+        return None
 
     def lease(self, batch: int, max_len: int, slack: int = 0) -> KVCache | None:
         """The runner's cache for `batch` rows, emptied, or None (graphs unusable, or the cache is in use).
@@ -124,28 +215,27 @@ class DecodeGraphs:
         key = (B, T, bucket(cache.length + T))
         if key not in self.graphs:
             return self._first(key, tokens, cache, positions, valid)
-        graph, step, out = self.graphs[key]
+        graphs, step, outs = self.graphs[key]
         step.load(tokens, cache, positions, valid)
-        graph.replay()
+        hidden = step.run(cache, graphs=graphs, outs=outs)
         cache.length += T
-        return out.clone()  # the next replay overwrites `out`
+        return hidden.clone()  # the next replay overwrites it
 
     def _first(self, key: tuple[int, int, int], tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                valid: torch.Tensor) -> torch.Tensor | None:
-        """Capture a bucket's graph, replay it once and check the replay against the eager step on the same
-        inputs (which rewrites the same keys): a graph that fails to capture or replays other numbers turns
-        graphs off for this decoder, with a warning, instead of decoding wrongly."""
+        """Capture a bucket's graphs, replay them once and check the replay against the eager step on the same
+        inputs and slot tables (which rewrites the same keys): graphs that fail to capture or replay other
+        numbers turn graphs off for this decoder, with a warning, instead of decoding wrongly."""
         step = StaticStep(self.decoder, *tokens.shape)
         step.load(tokens, cache, positions, valid)
         try:
-            graph, step, out = self._capture(step, cache)
+            graphs, outs = self._capture(step, cache)
         except RuntimeError as e:  # the eager step that follows rewrites the warm-up's keys alike
             return self._off(f"capturing the decode step failed ({e})")
-        graph.replay()
-        replayed = out.clone()
-        if not torch.equal(replayed, step.run(cache)):
+        replayed = step.run(cache, graphs=graphs, outs=outs).clone()
+        if not torch.equal(replayed, step.run(cache, host=False)):
             return self._off("a replayed decode step differed from the eager step")
-        self.graphs[key] = graph, step, out
+        self.graphs[key] = graphs, step, outs
         cache.length += tokens.shape[1]
         return replayed
 
@@ -153,18 +243,22 @@ class DecodeGraphs:
         self.failed = why
         warnings.warn(f"CUDA graphs are off for this model: {why}; decoding eagerly", stacklevel=4)
 
-    def _capture(self, step: StaticStep, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, StaticStep, torch.Tensor]:
-        """Capture the step, its inputs loaded. The warm-up (on a side stream, as torch requires: cuBLAS
-        workspaces, Triton autotuning) writes this position's keys, which the replay then rewrites alike."""
+    def _capture(self, step: StaticStep, cache: KVCache) -> tuple[list[torch.cuda.CUDAGraph], list[dict]]:
+        """Capture the step's pieces, its inputs loaded, each piece reading the captured outputs of the one
+        before. The warm-up (on a side stream, as torch requires: cuBLAS workspaces, Triton autotuning; slot
+        tables as they are, no host part) writes this position's keys, which the replay then rewrites."""
         side, main = torch.cuda.Stream(self.decoder.device), torch.cuda.current_stream(self.decoder.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             for _ in range(2):
-                step.run(cache)
+                step.run(cache, host=False)
         main.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = step.run(cache)
-        self.pool = graph.pool()
-        self.captured += 1
-        return graph, step, out
+        graphs, outs = [], []
+        for j in range(step.pieces()):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outs.append(step.piece(j, cache, outs[-1] if outs else {}))
+            self.pool = graph.pool()
+            graphs.append(graph)
+        self.captured += len(graphs)
+        return graphs, outs

@@ -97,28 +97,47 @@ class Decoder:
 
     def run_layers(self, input_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
         """The layers of one pass, writing `step`'s entries of `cache` (cache.length is the caller's to move)."""
-        spec, hooks = self.spec, self.hooks
-        T = input_ids.shape[1]
         h = F.embedding(input_ids, self.embed)
-        for hook in hooks:
-            hook.start(T)
-        for i, (layer, w) in enumerate(zip(spec.layers, self.layers)):
-            a, x = layer.attention, rms_norm(h, w["input_norm"], spec.rms_norm_eps)
-            if isinstance(a, LinearAttentionSpec):
-                h = h + gated_deltanet(x, w["attn"], a, spec.rms_norm_eps, step.valid, cache.layers[i])
-            else:
-                h = h + attention(x, w["attn"], a, spec.rms_norm_eps, step, cache.layers[i])
-            x = rms_norm(h, w["post_attn_norm"], spec.rms_norm_eps)
-            if layer.mlp == "dense":
-                h = h + expert_mlp(x, w["mlp"], ExpertSpec(layer.dense_intermediate_size))
-            else:
-                weights, ids = route(x.reshape(-1, x.shape[-1]), w["router"], spec.router)
-                early = [p for hook in hooks for p in hook.routed(i, h, x, weights, ids, cache)]
-                out = moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
-                h = h + (out + shared_expert(x, w, layer) if layer.shared_expert_size else out)
-            for hook in hooks:
+        for hook in self.hooks:
+            hook.start(input_ids.shape[1])
+        for i in range(len(self.layers)):
+            h, x = self.mix(i, h, step, cache)
+            h = self.mlp(i, h, x, cache)
+            for hook in self.hooks:
                 hook.layer_done(i, h, x, cache)
-        return rms_norm(h, self.norm, spec.rms_norm_eps)
+        return self.final_norm(h)
+
+    def mix(self, i: int, h: torch.Tensor, step: Step, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's attention (or Gated DeltaNet) with its residual, and the normed input of its MLP."""
+        a, w, eps = self.spec.layers[i].attention, self.layers[i], self.spec.rms_norm_eps
+        x = rms_norm(h, w["input_norm"], eps)
+        if isinstance(a, LinearAttentionSpec):
+            h = h + gated_deltanet(x, w["attn"], a, eps, step.valid, cache.layers[i])
+        else:
+            h = h + attention(x, w["attn"], a, eps, step, cache.layers[i])
+        return h, rms_norm(h, w["post_attn_norm"], eps)
+
+    def mlp(self, i: int, h: torch.Tensor, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Layer i's dense MLP or MoE block on x, added to the residual h."""
+        layer, spec = self.spec.layers[i], self.spec
+        if layer.mlp == "dense":
+            return h + expert_mlp(x, self.layers[i]["mlp"], ExpertSpec(layer.dense_intermediate_size))
+        weights, ids = self.route(i, x)
+        early = [p for hook in self.hooks for p in hook.routed(i, h, x, weights, ids, cache)]
+        out = moe(x, i, weights, ids, spec.router, spec.expert, self.experts, early, self.prefetch_count)
+        return self.add_moe(i, h, x, out)
+
+    def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoE layer i's routing of x [B, T, H]: (weights, expert ids) [B*T, k]."""
+        return route(x.reshape(-1, x.shape[-1]), self.layers[i]["router"], self.spec.router)
+
+    def add_moe(self, i: int, h: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residual plus MoE layer i's routed output and its shared expert, if it has one."""
+        layer = self.spec.layers[i]
+        return h + (out + shared_expert(x, self.layers[i], layer) if layer.shared_expert_size else out)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.norm, self.spec.rms_norm_eps)
 
     @with_threads
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

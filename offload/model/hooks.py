@@ -14,6 +14,11 @@ class DecoderHook:
     pass of T tokens: start(T); then for each layer i: routed(...) at MoE layers, after the router and before
     the experts, and layer_done(...) after the layer."""
 
+    # Whether the hook may run between the pieces of a decode step replayed from CUDA graphs, which end at the
+    # MoE layers (decode_graphs.StaticStep): its layer_done does nothing at other layers, and it keeps no tensor
+    # it is handed past the next time that layer runs (they are the graphs' buffers, rewritten by each replay).
+    replayable = True
+
     def begin(self, batch: int) -> None:
         """A generate call starts with `batch` rows."""
 

@@ -179,18 +179,13 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
         if found is not None:
             return _moe_native(x, weights, ids, found, r, e, gemv)
     flat = x.reshape(-1, x.shape[-1])
-    counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
-    rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
-    table = rows.tolist()  # the single host sync of the layer
-    hit = [i for i in range(r.num_experts) if table[0][i] > 0]
-    prefetch = [(later, top_experts(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
-    tokens = [int(table[0][i]) for i in hit]
+    hit, mass, tokens, prefetch = host_routing(weights, ids, r, predictions, prefetch_count)
     # (token, slot) pairs sorted by expert: each expert's pairs are one span of `order`, found from the counts
     order = torch.argsort(ids.flatten(), stable=True)
     spans = {ex: slice(a, a + n) for ex, a, n in zip(hit, itertools.accumulate(tokens, initial=0), tokens)}
     pairs = torch.empty(ids.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device)
     on_host: list[tuple[torch.Tensor, Future]] = []
-    for batch in provider.provide(layer, hit, [table[1][i] for i in hit], tokens, prefetch):
+    for batch in provider.provide(layer, hit, mass, tokens, prefetch):
         batch.sort(key=lambda p: p[0])  # expert order, as in `order`
         if len(batch) == len(hit):
             where = order
@@ -205,6 +200,18 @@ def moe(x: torch.Tensor, layer: int, weights: torch.Tensor, ids: torch.Tensor, r
     for where, job in on_host:
         pairs[where] = job.result().to(pairs.device, non_blocking=True)
     return _combine(pairs, weights, ids, x)
+
+
+def host_routing(weights: torch.Tensor, ids: torch.Tensor, r: RouterSpec, predictions: list[tuple[int, torch.Tensor]],
+                 prefetch_count: int) -> tuple[list[int], list[float], list[int], list[tuple[int, list[int]]]]:
+    """What a provider needs of a layer's routing, in the layer's one host sync: the experts hit (ascending),
+    their routing mass and token counts, and the `prefetch_count` likeliest experts of each predicted layer."""
+    counts = torch.bincount(ids.flatten(), minlength=r.num_experts)
+    rows = torch.stack([counts.float(), expert_scores(weights, ids, r.num_experts), *[p for _, p in predictions]])
+    table = rows.tolist()
+    hit = [i for i in range(r.num_experts) if table[0][i] > 0]
+    prefetch = [(later, top_experts(scores, prefetch_count)) for (later, _), scores in zip(predictions, table[2:])]
+    return hit, [table[1][i] for i in hit], [int(table[0][i]) for i in hit], prefetch
 
 
 def _combine(pairs: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

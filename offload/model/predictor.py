@@ -90,6 +90,8 @@ class Calibration(DecoderHook):
     """Collects, at decode steps, each MoE layer's features (the state after the previous MoE layer's attention,
     normed as this layer's router input is; this layer's router input at the previous token) and router input."""
 
+    replayable = False  # it keeps the tensors it is handed
+
     def __init__(self, decoder) -> None:
         self.decoder = decoder
         self.pairs: dict[int, tuple[list, list]] = {j: ([], []) for j in decoder.spec.moe_layers[1:]}
