@@ -18,7 +18,7 @@ for s in $sections; do
     kernels) offload-bench gpu-kernels --json "$out/gpu-kernels.json" ;;
     speculative) offload-bench speculative --device cuda --prompts 10 --runs 3 --json "$out/speculative.json" ;;
     e2e) offload-bench e2e --device cuda --rounds ${E2E_ROUNDS:-3} --json "$out/e2e.json" \
-           --contenders ours-resident-bf16,ours-resident-bf16-eager,transformers,ours-offloaded-bf16,ours-resident-a4e2 ;;
+           --contenders ours-resident-bf16,ours-resident-bf16-eager,transformers,ours-offloaded-bf16,ours-offloaded-bf16-eager,ours-resident-a4e2 ;;
     split) offload-bench split --device cuda --runs 3 --json "$out/split.json" ;;
     *) echo "unknown section $s" >&2; false ;;
   esac 2>&1 | tee "$out/$s.log"

@@ -43,6 +43,7 @@ CONTENDERS = {c.name: c for c in [
     Contender("ours-resident-a4e2", "ours", "a4e2"),
     Contender("ours-resident-bf16-eager", "ours", options={"cuda_graphs": False}),  # a GPU's decode without graphs
     Contender("ours-offloaded-bf16", "ours", offloaded=True),
+    Contender("ours-offloaded-bf16-eager", "ours", offloaded=True, options={"cuda_graphs": False}),
     Contender("ours-offloaded-a4e2", "ours", "a4e2", offloaded=True),
     Contender("transformers", "transformers"),
     Contender("transformers-accelerate", "accelerate", offloaded=True),
