@@ -327,6 +327,8 @@ def initial(args) -> tuple:
 
     if args.init:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
+        for key in ("is_local", "local_files_only"):  # how it was loaded, which save_pretrained would write
+            tokenizer.init_kwargs.pop(key, None)
         config = AutoConfig.from_pretrained(args.init)
     else:
         tokenizer = build_tokenizer(args.seed)

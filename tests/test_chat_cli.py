@@ -17,9 +17,6 @@ from offload.quant.presets import PRESETS
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 90  # seconds an expected output may take on a loaded 2-core machine
-# The demo model was trained on single-turn chats: it answers a conversation's later turns wrongly until it is
-# retrained on multi-turn chats (issue 18). Drop this mark once the retrained demo is merged.
-DEMO_RETRAIN = pytest.mark.xfail(reason="demo retrain: the demo model answers later turns wrongly", strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +90,6 @@ def test_a_conversation_on_a_terminal(tmp_path, demo):
     assert messages[9]["content"] == demo.generate(plain[:9])  # the partial answer stayed in the conversation
 
 
-@DEMO_RETRAIN
 def test_second_turn_is_answered_right():
     chat = spawn()
     chat.expect_exact("you> ")
