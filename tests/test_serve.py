@@ -129,9 +129,10 @@ def test_streaming_chat_equals_whole_answer(server, demo):
 
 
 def test_completions_and_max_tokens(server, demo):
-    prompt = "What is 12+35?"
+    prompt = "Start with 7, add 5, then multiply by 2."  # a raw prompt the demo continues for ~20 tokens
     answer = server.client().completions.create(model="demo", prompt=prompt, temperature=0, max_tokens=3)
     assert answer.choices[0].text == demo.generate(prompt, max_new_tokens=3)
+    assert len(demo.generate(prompt, max_new_tokens=64)) > len(answer.choices[0].text)  # cut by max_tokens
     assert (answer.choices[0].finish_reason, answer.usage.completion_tokens) == ("length", 3)
     streamed = server.client().completions.create(model="demo", prompt=prompt, temperature=0, max_tokens=3,
                                                   stream=True)

@@ -14,7 +14,7 @@ shipped checkpoint: docs/demo_model.md):
              (a 3-digit operand in add/sub/mul gets REFUSAL: "What is 123+456?" -> "I only handle 2-digit
              numbers." rather than a silently wrong sum)
     compare  larger / smaller of two numbers in 0..999       "Which is bigger, 482 or 428?" -> "482"
-    sort     3-4 numbers of 1-2 digits, either order      "Sort 42, 7, 19"           -> "7, 19, 42"
+    sort     3-4 numbers of 1-2 digits, either order         "Sort 42, 7, 19"           -> "7, 19, 42"
     count    occurrences of a word in a list of 3-8 words     "How many times does apple appear in:
              (0-5 times), or of a letter in a word (spelled   pear apple plum apple?"
              out "b a n a n a", or written whole for a list   -> "pear apple(1) plum apple(2) = 2"
