@@ -95,9 +95,9 @@ def load(source: str | Path, device: str | torch.device = "auto", dtype: torch.d
     record_trace: write routing decisions of decode steps to this JSONL file. quant: a preset of
     offload.quant.PRESETS ("a4e2", "a4e3", "a4e4", "nf4", "none") applied at load. progress: called as
     progress(stage, done, total) during the slow stages of a load (offload-chat draws it). cuda_graphs: on a
-    GPU, replay one-token decode steps as CUDA graphs where the step allows it (offload.model.decode_graphs:
-    resident 16-bit experts, attention layers, no prefetch or trace hooks); False decodes eagerly, to the
-    same bits.
+    GPU, replay decode and MTP verify steps as CUDA graphs where the step allows it (offload.model.decode_graphs:
+    attention layers, 16-bit experts, resident or copied into device slots, prefetch from the attention state);
+    False decodes eagerly, to the same bits.
     """
     _check_options(dtype, cache_experts, prefetch, policy, miss_policy, placement, context, quant, memory_budget,
                    predict_from, hot_trace, progress, cuda_graphs)
