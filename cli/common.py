@@ -110,9 +110,9 @@ def run_app(app, argv: list[str] | None = None) -> None:
     """Run a typer app; an uncaught error becomes `error: <message>` on stderr and exit 1,
     unless --debug is among the arguments, which shows the traceback; Ctrl-C anywhere exits 130."""
     args = sys.argv[1:] if argv is None else argv
-    command = typer.main.get_command(app)
-    _flags_as_flags(command, typer.Context(command))
     try:
+        command = typer.main.get_command(app)  # tens of ms of introspection: Ctrl-C often lands here
+        _flags_as_flags(command, typer.Context(command))
         code = command.main(args=args, standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)

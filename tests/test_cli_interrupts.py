@@ -76,3 +76,18 @@ def test_ctrl_c_during_convert(tmp_path, when):
     source = Path(offload.__file__).parent / "demo"
     status, _, err = interrupt(["offload-convert", str(source), str(tmp_path / "packed")], when)
     assert_interrupted(status, err, when)
+
+
+def test_ctrl_c_while_typer_builds_the_command(monkeypatch, capsys):
+    """Ctrl-C while typer introspects the app (tens of ms of start-up, where a Ctrl-C 0.1 s after the start
+    lands on a slow machine): exit 130 and one line, as everywhere else."""
+    from offload.cli import common
+    from offload.cli.chat import app
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.typer.main, "get_command", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        common.run_app(app, ["-p", "hi"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
