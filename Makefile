@@ -46,21 +46,10 @@ test-latest:
 	DISABLE_CUDA=1 $(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH)"
 	$(call run_tests,$(LATEST))
 
-# The CPU-dependent tests again on emulated CPUs (qemu user mode), whatever CPU runs them: Haswell (AVX2 + FMA,
-# no AVX-512: our AVX2 build) and SandyBridge (AVX, no AVX2: the portable path). An instruction the CPU lacks
-# kills the run with SIGILL; child Pythons run on the same emulated CPU (tests/emulation.py).
-EMULATED := Haswell:AVX2 SandyBridge:DEFAULT
-CPU_TESTS := tests/test_kernels_native.py tests/test_decode_attention.py tests/test_fused_moe.py tests/test_kernels.py tests/test_quant.py tests/test_mxfp4.py \
-	tests/test_demo_runtime.py "tests/test_quantized_model.py::test_offloaded_quantized_equals_resident_quantized[olmoe-a4e2]"
+# The CPU-dependent tests again on emulated CPUs (qemu user mode): Haswell (no AVX-512) and SandyBridge (no AVX2);
+# which tests and why in .ci/test-cpus.
 test-cpus: $(STAMP)
-	@command -v qemu-x86_64 >/dev/null || { echo "make test-cpus: qemu-x86_64 not found; install it \
-	(Debian/Ubuntu: apt-get install qemu-user)" >&2; exit 1; }
-	@for pair in $(EMULATED); do cpu=$${pair%%:*}; want=$${pair#*:}; emulated="qemu-x86_64 -cpu $$cpu $(abspath $(VENV))/bin/python"; \
-	  got=$$($$emulated -c "import torch; print(torch.backends.cpu.get_cpu_capability())" 2>/dev/null); \
-	  echo "emulated CPU: $$cpu (torch sees $$got)"; \
-	  [ "$$got" = "$$want" ] || { echo "make test-cpus: expected torch to see $$want on $$cpu" >&2; exit 1; }; \
-	  MOE_OFFLOAD_TEST_PYTHON="$$emulated" $$emulated -m pytest -q -p no:cacheprovider $(CPU_TESTS) || exit 1; \
-	done
+	.ci/test-cpus $(VENV)
 
 # Re-resolve the tested set (then run `make test` and commit constraints.txt).
 lock:
