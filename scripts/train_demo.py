@@ -503,7 +503,8 @@ def main(argv=None) -> None:
                    help="torch CPU threads (default 2; on a 2-core machine shared with other jobs use 1)")
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (see SIZES)")
     p.add_argument("--batch-size", type=int, default=16, help="chats per step (1-4 turns each, ~2 on average)")
-    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate (2e-3; at 5e-3 the loss stalls while the rate is high: docs/demo_model.md)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss (DeepSeek-V3 uses 0.1-0.3)")
     p.add_argument("--predict-weight", type=float, default=0.0,
