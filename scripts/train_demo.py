@@ -507,9 +507,9 @@ def main(argv=None) -> None:
                    help="peak learning rate (2e-3; at 5e-3 the loss stalls while the rate is high: docs/demo_model.md)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss (DeepSeek-V3 uses 0.1-0.3)")
-    p.add_argument("--predict-weight", type=float, default=0.0,
-                   help="weight of the routing-predictability loss (RoutingPredictability; off in the shipped run, "
-                        "see docs/demo_model.md)")
+    p.add_argument("--predict-weight", type=float, default=0.1,
+                   help="weight of the routing-predictability loss (RoutingPredictability; 0 turns it off: "
+                        "docs/demo_model.md)")
     p.add_argument("--bias-gamma", type=float, default=1e-2, help="router correction-bias update speed")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=5, help="teacher-forced validation every N log lines")
